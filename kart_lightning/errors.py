@@ -1,0 +1,5 @@
+"""Errors a user can cause; the command line turns each into one sentence and exit code 2."""
+
+
+class ConfigError(ValueError):
+    """A mistake in the config or command line; the message is one sentence naming the fix."""
