@@ -1,0 +1,29 @@
+"""Environments: one factory builds every game from an EnvConfig, plus its generic wrappers.
+
+Import from here: `from kart_lightning.envs import EnvConfig, make_env`.
+"""
+
+from kart_lightning.envs.factory import (
+    EnvConfig,
+    EnvConfigError,
+    EnvKind,
+    UnknownEnvError,
+    check_env_id,
+    env_frames_per_step,
+    make_env,
+)
+from kart_lightning.envs.wrappers import ChannelsFirst, EpisodicLife, NoopReset, ResizeFrame
+
+__all__ = [
+    "ChannelsFirst",
+    "EnvConfig",
+    "EnvConfigError",
+    "EnvKind",
+    "EpisodicLife",
+    "NoopReset",
+    "ResizeFrame",
+    "UnknownEnvError",
+    "check_env_id",
+    "env_frames_per_step",
+    "make_env",
+]

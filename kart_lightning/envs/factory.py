@@ -1,0 +1,217 @@
+"""One env factory for every game kart_lightning trains on, selected by the config's id.
+
+ALE and stable-retro games give stacked uint8 frames; other gymnasium envs float32 vectors.
+"""
+
+import difflib
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import ale_py
+import gymnasium
+import numpy as np
+import stable_retro
+from gymnasium.spaces import Box, Discrete
+from gymnasium.wrappers import (
+    DtypeObservation,
+    FrameStackObservation,
+    GrayscaleObservation,
+    MaxAndSkipObservation,
+    RecordEpisodeStatistics,
+    ReshapeObservation,
+    TimeLimit,
+)
+
+from kart_lightning.envs.wrappers import ChannelsFirst, EpisodicLife, NoopReset, ResizeFrame
+from kart_lightning.errors import ConfigError
+
+gymnasium.register_envs(ale_py)
+
+EnvKind = Literal["atari", "retro", "gymnasium"]
+
+# ALL also covers contrib, experimental and custom integrations (such as our Mario Kart folder).
+_RETRO_INTEGRATIONS = stable_retro.data.Integrations.ALL
+_ATARI_ENTRY_POINT = "ale_py.env:AtariEnv"
+
+
+class EnvConfigError(ConfigError):
+    """A user's env config names something that cannot be built; the message names the fix."""
+
+
+class UnknownEnvError(EnvConfigError):
+    """The env id is neither a gymnasium id, an ALE id nor a stable-retro game."""
+
+
+@dataclass
+class EnvConfig:
+    """Which game to play and how its observations are preprocessed.
+
+    Args:
+        id: gymnasium id (CartPole-v1), ALE id (ALE/Pong-v5) or retro game (Airstriker-Genesis-v0).
+        frame_skip: env frames per agent step for image envs (max over the last two); 1 for vectors.
+        frame_stack: number of most recent frames stacked along the channel axis.
+        screen_size: frames are resized to screen_size x screen_size pixels.
+        grayscale: one channel per frame instead of three (RGB).
+        noop_max: Atari: at reset, take a random 1..noop_max no-op actions (0 turns this off).
+        episodic_life: Atari: a lost life terminates the episode; only game over resets the game.
+        max_episode_steps: agent steps before an episode is truncated; None: the env's own limit.
+        retro_state: stable-retro state name or .state file path; None is the game's default state.
+        render_mode: None for training; 'rgb_array' lets a recorder call env.render().
+    """
+
+    id: str = "Airstriker-Genesis-v0"
+    frame_skip: int = 4
+    frame_stack: int = 4
+    screen_size: int = 84
+    grayscale: bool = True
+    noop_max: int = 30
+    episodic_life: bool = False
+    max_episode_steps: int | None = None
+    retro_state: str | None = None
+    render_mode: str | None = None
+
+
+def check_env_id(env_id: str) -> EnvKind:
+    """Which kind of env `env_id` names, found without building it; UnknownEnvError if none."""
+    if env_id in gymnasium.registry:
+        if gymnasium.registry[env_id].entry_point == _ATARI_ENTRY_POINT:
+            return "atari"
+        return "gymnasium"
+    if stable_retro.data.get_file_path(env_id, "rom.sha", _RETRO_INTEGRATIONS):
+        return "retro"
+    known = [*gymnasium.registry, *stable_retro.data.list_games(_RETRO_INTEGRATIONS)]
+    close = difflib.get_close_matches(env_id, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise UnknownEnvError(
+        f"Unknown env id '{env_id}'{hint}: use a gymnasium id such as CartPole-v1, an ALE id "
+        "such as ALE/Pong-v5, or a stable-retro game such as Airstriker-Genesis-v0 (see "
+        '`python -c "import stable_retro; print(stable_retro.data.list_games())"`).'
+    )
+
+
+def env_frames_per_step(config: EnvConfig) -> int:
+    """Env frames per agent step: the frame skip for image envs, 1 for vector envs."""
+    return 1 if check_env_id(config.id) == "gymnasium" else config.frame_skip
+
+
+def make_env(config: EnvConfig, seed: int = 0) -> gymnasium.Env:
+    """Build the env `config` names, with a Discrete action space.
+
+    Observations are `[frame_stack * (1 or 3), screen_size, screen_size] uint8` for image envs and
+    `[D] float32` for vector envs. The env has been reset once with `seed` and its action space
+    seeded, so the plain `reset()` calls that follow are reproducible from `seed`.
+    """
+    kind = check_env_id(config.id)
+    if kind == "atari":
+        env = _make_atari(config)
+    elif kind == "retro":
+        env = _make_retro(config)
+    else:
+        env = _make_vector(config)
+    env.action_space.seed(seed)
+    env.reset(seed=seed)
+    return env
+
+
+def _make_atari(config: EnvConfig) -> gymnasium.Env:
+    # DeepMind preprocessing: we skip frames ourselves (max-pooled), no sticky actions, and the
+    # emulator's own grayscale is much cheaper than converting RGB.
+    env = gymnasium.make(
+        config.id,
+        frameskip=1,
+        repeat_action_probability=0.0,
+        full_action_space=False,
+        obs_type="grayscale" if config.grayscale else "rgb",
+        render_mode=config.render_mode,
+    )
+    if config.noop_max > 0:
+        env = NoopReset(env, config.noop_max)
+    env = _skip_frames_and_limit_steps(env, config)
+    if config.episodic_life:
+        # Outside the time limit, so the limit counts a whole game rather than one life.
+        env = EpisodicLife(env)
+    return _stack_frames(env, config)
+
+
+def _make_retro(config: EnvConfig) -> gymnasium.Env:
+    try:
+        stable_retro.data.get_romfile_path(config.id, _RETRO_INTEGRATIONS)
+    except FileNotFoundError:
+        raise EnvConfigError(
+            f"The ROM for '{config.id}' is not imported: run `python -m stable_retro.import DIR` "
+            "on the folder that holds it."
+        ) from None
+    env = stable_retro.make(
+        config.id,
+        state=_retro_state(config),
+        inttype=_RETRO_INTEGRATIONS,
+        render_mode=config.render_mode,
+        use_restricted_actions=stable_retro.Actions.DISCRETE,
+    )
+    env = _skip_frames_and_limit_steps(env, config)
+    return _stack_frames(env, config)
+
+
+def _retro_state(config: EnvConfig) -> object:
+    """The `state` argument for stable_retro.make: a state name, an absolute path, or DEFAULT."""
+    if config.retro_state is None:
+        return stable_retro.State.DEFAULT
+    if os.path.isfile(config.retro_state):
+        # stable-retro looks names up inside the integration folder; an absolute path escapes it.
+        return os.path.abspath(config.retro_state)
+    file_name = config.retro_state.removesuffix(".state") + ".state"
+    if stable_retro.data.get_file_path(config.id, file_name, _RETRO_INTEGRATIONS) is None:
+        states = stable_retro.data.list_states(config.id, _RETRO_INTEGRATIONS)
+        raise EnvConfigError(
+            f"Unknown state '{config.retro_state}' for '{config.id}': use one of {states}, a path "
+            "to a .state file, or leave retro_state unset for the game's default."
+        )
+    return config.retro_state
+
+
+def _make_vector(config: EnvConfig) -> gymnasium.Env:
+    # gymnasium.make keeps the registered time limit when max_episode_steps is None.
+    env = gymnasium.make(
+        config.id, max_episode_steps=config.max_episode_steps, render_mode=config.render_mode
+    )
+    if not isinstance(env.action_space, Discrete):
+        env.close()
+        raise EnvConfigError(
+            f"'{config.id}' has a {env.action_space} action space: choose an env with Discrete "
+            "actions, such as CartPole-v1."
+        )
+    if not (isinstance(env.observation_space, Box) and len(env.observation_space.shape) == 1):
+        env.close()
+        raise EnvConfigError(
+            f"'{config.id}' has a {env.observation_space} observation space: choose an env with "
+            "vector observations, such as CartPole-v1, or an ALE or stable-retro game for images."
+        )
+    if env.observation_space.dtype != np.float32:
+        env = DtypeObservation(env, np.float32)
+    return RecordEpisodeStatistics(env)
+
+
+def _skip_frames_and_limit_steps(env: gymnasium.Env, config: EnvConfig) -> gymnasium.Env:
+    """Repeat each action `frame_skip` frames (max over the last two), limit agent steps, and
+    record episode statistics."""
+    # MaxAndSkipObservation refuses a skip of 1, which needs no wrapper anyway.
+    if config.frame_skip > 1:
+        env = MaxAndSkipObservation(env, skip=config.frame_skip)
+    if config.max_episode_steps is not None:
+        env = TimeLimit(env, max_episode_steps=config.max_episode_steps)
+    # Beneath episodic life, so info["episode"] reports whole games (return, agent steps).
+    return RecordEpisodeStatistics(env)
+
+
+def _stack_frames(env: gymnasium.Env, config: EnvConfig) -> gymnasium.Env:
+    """Frames `[H, W]` or `[H, W, 3]` to `[frame_stack * (1 or 3), screen_size, screen_size]`."""
+    # Resizing first makes the RGB-to-gray conversion ~10x cheaper on 320x224 retro frames.
+    env = ResizeFrame(env, config.screen_size)
+    if config.grayscale and len(env.observation_space.shape) == 3:
+        env = GrayscaleObservation(env)
+    if len(env.observation_space.shape) == 2:
+        return FrameStackObservation(env, config.frame_stack)
+    env = FrameStackObservation(ChannelsFirst(env), config.frame_stack)
+    stacked, channels, height, width = env.observation_space.shape
+    return ReshapeObservation(env, (stacked * channels, height, width))

@@ -1,0 +1,102 @@
+"""Generic gymnasium wrappers that gymnasium itself lacks or only offers behind OpenCV.
+
+Atari no-op reset and episodic life, Pillow frame resizing, and channels-first frames.
+"""
+
+from typing import Any
+
+import gymnasium
+import numpy as np
+from gymnasium.spaces import Box
+from PIL import Image
+
+
+class NoopReset(gymnasium.Wrapper):
+    """On reset, take 1 to `noop_max` no-op actions so that episodes start in varied states.
+
+    gymnasium has this only inside `AtariPreprocessing`, which needs OpenCV; action 0 must be
+    NOOP, as it is in every ALE game's minimal action set.
+    """
+
+    def __init__(self, env: gymnasium.Env, noop_max: int):
+        super().__init__(env)
+        if noop_max < 1:
+            raise ValueError(f"noop_max must be at least 1, got {noop_max}")
+        self.noop_max = noop_max
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[Any, dict[str, Any]]:
+        obs, info = self.env.reset(seed=seed, options=options)
+        # The env's own seeded generator keeps the no-op count reproducible from the seed.
+        noops = int(self.env.unwrapped.np_random.integers(1, self.noop_max + 1))
+        for _ in range(noops):
+            obs, _, terminated, truncated, info = self.env.step(0)
+            if terminated or truncated:
+                obs, info = self.env.reset(options=options)
+        return obs, info
+
+
+class EpisodicLife(gymnasium.Wrapper):
+    """Atari: a lost life terminates the episode for learning; only game over resets the game.
+
+    After a life-loss termination, `reset()` steps on from where play stopped (one no-op), so
+    the learner sees every life as an episode while the game itself runs to its real end.
+    """
+
+    def __init__(self, env: gymnasium.Env):
+        super().__init__(env)
+        self._lives = 0
+        self._game_over = True
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self._game_over = terminated or truncated
+        lives = self.env.unwrapped.ale.lives()
+        # Some games report 0 lives for a few frames at the start: only a drop to >0 counts.
+        if 0 < lives < self._lives:
+            terminated = True
+        self._lives = lives
+        return obs, reward, terminated, truncated, info
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[Any, dict[str, Any]]:
+        if self._game_over or seed is not None:
+            obs, info = self.env.reset(seed=seed, options=options)
+        else:
+            obs, _, terminated, truncated, info = self.env.step(0)
+            if terminated or truncated:
+                obs, info = self.env.reset(options=options)
+        self._game_over = False
+        self._lives = self.env.unwrapped.ale.lives()
+        return obs, info
+
+
+class ResizeFrame(gymnasium.ObservationWrapper):
+    """Resize uint8 frames `[H, W]` or `[H, W, C]` to `[size, size]` or `[size, size, C]`.
+
+    Area averaging as `cv2.INTER_AREA` in the DQN preprocessing, done by Pillow because
+    gymnasium's `ResizeObservation` needs OpenCV.
+    """
+
+    def __init__(self, env: gymnasium.Env, size: int):
+        super().__init__(env)
+        shape = (size, size, *env.observation_space.shape[2:])
+        self.observation_space = Box(0, 255, shape, np.uint8)
+        self._size = (size, size)
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(observation).resize(self._size, Image.Resampling.BOX))
+
+
+class ChannelsFirst(gymnasium.ObservationWrapper):
+    """Frames `[H, W, C]` to `[C, H, W]`, the layout torch convolutions take."""
+
+    def __init__(self, env: gymnasium.Env):
+        super().__init__(env)
+        height, width, channels = env.observation_space.shape
+        self.observation_space = Box(0, 255, (channels, height, width), np.uint8)
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        return np.transpose(observation, (2, 0, 1))

@@ -1,0 +1,121 @@
+"""Specification of kart_lightning.envs: what every env from the factory looks like and does."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import gymnasium
+import numpy as np
+import pytest
+from gymnasium.spaces import Discrete
+
+from kart_lightning.envs import (
+    EnvConfig,
+    EnvConfigError,
+    UnknownEnvError,
+    check_env_id,
+    env_frames_per_step,
+    make_env,
+)
+
+
+@contextmanager
+def built(config: EnvConfig, seed: int = 0) -> Iterator[gymnasium.Env]:
+    """An env that is closed afterwards: stable-retro allows one emulator per process."""
+    env = make_env(config, seed)
+    try:
+        yield env
+    finally:
+        env.close()
+
+
+def test_cartpole_gives_float32_vector_observations():
+    with built(EnvConfig(id="CartPole-v1")) as env:
+        obs, _ = env.reset()
+        next_obs, *_ = env.step(env.action_space.sample())
+    assert obs.dtype == next_obs.dtype == np.float32
+    assert obs.shape == next_obs.shape == env.observation_space.shape == (4,)
+    assert env_frames_per_step(EnvConfig(id="CartPole-v1")) == 1
+
+
+def test_pong_gives_stacked_84x84_gray_frames_and_six_actions():
+    config = EnvConfig(id="ALE/Pong-v5")
+    with built(config) as env:
+        obs, _ = env.reset()
+        next_obs, *_ = env.step(env.action_space.sample())
+    assert obs.dtype == next_obs.dtype == np.uint8
+    assert obs.shape == next_obs.shape == env.observation_space.shape == (4, 84, 84)
+    assert env.action_space == Discrete(6)
+    assert env_frames_per_step(config) == 4
+
+
+def test_color_frames_stack_three_channels_per_frame():
+    with built(EnvConfig(id="ALE/Pong-v5", grayscale=False, frame_stack=2)) as env:
+        obs, _ = env.reset()
+    assert obs.shape == (6, 84, 84)
+    # After reset the stack is padded with the first frame: both RGB triples are equal.
+    np.testing.assert_array_equal(obs[:3], obs[3:])
+
+
+def test_airstriker_steps_random_actions_with_stacked_frames():
+    with built(EnvConfig(id="Airstriker-Genesis-v0")) as env:
+        assert isinstance(env.action_space, Discrete)
+        obs, _ = env.reset()
+        assert obs.dtype == np.uint8 and obs.shape == (4, 84, 84)
+        for _ in range(300):
+            obs, _, terminated, truncated, _ = env.step(env.action_space.sample())
+            assert obs.dtype == np.uint8 and obs.shape == (4, 84, 84)
+            if terminated or truncated:
+                obs, _ = env.reset()
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "ALE/Pong-v5"])
+def test_time_limit_truncates_rather_than_terminates(env_id: str):
+    with built(EnvConfig(id=env_id, max_episode_steps=3)) as env:
+        env.reset()
+        ends = [env.step(0)[2:4] for _ in range(3)]
+    assert ends == [(False, False), (False, False), (False, True)]
+
+
+def test_same_seed_gives_same_first_observation():
+    config = EnvConfig(id="ALE/Pong-v5")
+    with built(config, seed=7) as env:
+        first, _ = env.reset()
+    with built(config, seed=7) as env:
+        again, _ = env.reset()
+    np.testing.assert_array_equal(first, again)
+
+
+def test_unknown_env_id_raises_error_naming_the_fix():
+    with pytest.raises(UnknownEnvError, match=r"Unknown env id 'Foo-v9': use a gymnasium id"):
+        check_env_id("Foo-v9")
+    with pytest.raises(UnknownEnvError, match=r"did you mean 'ALE/Pong-v5'"):
+        make_env(EnvConfig(id="ALE/Pongg-v5"))
+
+
+def test_retro_game_without_imported_rom_raises_error_naming_the_import():
+    with pytest.raises(EnvConfigError, match=r"python -m stable_retro.import"):
+        make_env(EnvConfig(id="SuperMarioBros-Nes-v0"))
+
+
+def test_unknown_retro_state_raises_error_listing_the_states():
+    with pytest.raises(EnvConfigError, match=r"Unknown state 'Level9'.*\['Level1'\]"):
+        make_env(EnvConfig(id="Airstriker-Genesis-v0", retro_state="Level9"))
+
+
+def test_non_discrete_action_space_raises_error_naming_the_fix():
+    with pytest.raises(EnvConfigError, match=r"choose an env with Discrete actions"):
+        make_env(EnvConfig(id="Pendulum-v1"))
+
+
+def test_episodic_life_ends_episode_on_life_loss_without_resetting_the_game():
+    with built(EnvConfig(id="ALE/Breakout-v5", episodic_life=True)) as env:
+        ale = env.unwrapped.ale
+        env.reset()
+        lives_at_start = ale.lives()
+        terminated = False
+        while not terminated:
+            _, _, terminated, truncated, _ = env.step(env.action_space.sample())
+            assert not truncated
+        assert 0 < ale.lives() == lives_at_start - 1
+        env.reset()
+        assert ale.lives() == lives_at_start - 1
