@@ -1,0 +1,136 @@
+"""The DataModule: owns the actor pool (started in setup, stopped in teardown or on an exception)
+and the evaluation episodes, and tells the model what the environment looks like."""
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from kart_lightning.data.dataset import EpisodeDataset, TrajectoryDataset
+from kart_lightning.data.pool import ActorPool
+from kart_lightning.envs import EnvConfig, check_env_id, env_frames_per_step, make_env
+from kart_lightning.errors import ConfigError
+
+# The quickstart game: ships with stable-retro, so `fit` runs on a fresh machine with no ROM.
+QUICKSTART_ENV = EnvConfig()
+
+
+class ImpalaDataModule(LightningDataModule):
+    """Trajectories from a pool of actor processes for `fit`; in-process episodes for `validate`/`test`."""
+
+    def __init__(
+        self,
+        env: EnvConfig = QUICKSTART_ENV,
+        num_actors: int = 2,
+        envs_per_actor: int = 1,
+        unroll_length: int = 80,
+        batch_size: int = 8,
+        num_slots: int | None = None,
+        seed: int = 0,
+        start_method: Literal["spawn", "forkserver", "fork"] = "spawn",
+        rollout_timeout_s: float = 600.0,
+        eval_episodes: int = 5,
+        eval_seed: int = 1_000_000,
+        eval_greedy: bool = False,
+    ) -> None:
+        """
+        Args:
+            env: The environment every actor runs (see EnvConfig).
+            num_actors: Actor processes.
+            envs_per_actor: Environments stepped by each actor process (one batched policy call per step).
+            unroll_length: T, agent steps per trajectory; a slot holds T+1 (the last step is repeated
+                as the first of the next unroll).
+            batch_size: B, trajectories per learner batch.
+            num_slots: Shared-memory rollout slots; default 2 * num_actors * envs_per_actor + batch_size.
+            seed: Base seed; env k of actor i is seeded seed + 10000 * i + k.
+            start_method: How actor processes start; spawn is safe with threads and CUDA.
+            rollout_timeout_s: Give up (with an error) when no trajectory arrives for this long.
+            eval_episodes: Episodes played by `validate` and `test`.
+            eval_seed: First seed of the evaluation episodes (held out from training seeds).
+            eval_greedy: Act greedily (argmax) in evaluation instead of sampling.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        for name in ("num_actors", "envs_per_actor", "unroll_length", "batch_size", "eval_episodes"):
+            if getattr(self.hparams, name) < 1:
+                raise ConfigError(f"data.{name} is {getattr(self.hparams, name)}: set it to 1 or more.")
+        least_slots = num_actors * envs_per_actor + batch_size
+        if num_slots is not None and num_slots < least_slots:
+            raise ConfigError(
+                f"data.num_slots={num_slots} is too few for the actors to fill a batch: set it to at "
+                f"least num_actors * envs_per_actor + batch_size = {least_slots}, or leave it unset."
+            )
+        check_env_id(env.id)
+        self.env = env
+        probe = make_env(env, seed=seed)
+        try:
+            observation_space = probe.observation_space
+            self.obs_shape: list[int] = list(observation_space.shape)
+            self.obs_dtype = torch.from_numpy(np.zeros(0, dtype=observation_space.dtype)).dtype
+            self.num_actions = int(probe.action_space.n)
+        finally:
+            probe.close()
+        self.env_frames_per_step = env_frames_per_step(env)
+        self.pool: ActorPool | None = None
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.pool is None:
+            module = self.trainer.lightning_module
+            hp = self.hparams
+            self.pool = ActorPool(
+                policy=module.policy,
+                env=self.env,
+                obs_shape=self.obs_shape,
+                obs_dtype=self.obs_dtype,
+                num_actions=self.num_actions,
+                num_actors=hp.num_actors,
+                envs_per_actor=hp.envs_per_actor,
+                unroll_length=hp.unroll_length,
+                batch_size=hp.batch_size,
+                num_slots=hp.num_slots,
+                seed=hp.seed,
+                start_method=hp.start_method,
+            )
+
+    def _publish_weights(self) -> None:
+        module = self.trainer.lightning_module
+        if self.pool.weights.version.value != module.global_step:
+            self.pool.publish(module.policy.state_dict(), module.global_step)
+
+    def train_dataloader(self) -> DataLoader:
+        # The actor pool is the workers and the dataset yields whole batches.
+        dataset = TrajectoryDataset(
+            self.pool, self._publish_weights, self.env_frames_per_step, self.hparams.rollout_timeout_s
+        )
+        return DataLoader(dataset, batch_size=None, num_workers=0)
+
+    def _episodes(self) -> DataLoader:
+        evaluation_env = dataclasses.replace(self.env, episodic_life=False)
+        dataset = EpisodeDataset(
+            self.trainer.lightning_module.policy,
+            evaluation_env,
+            episodes=self.hparams.eval_episodes,
+            seed=self.hparams.eval_seed,
+            greedy=self.hparams.eval_greedy,
+        )
+        return DataLoader(dataset, batch_size=None, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._episodes()
+
+    def test_dataloader(self) -> DataLoader:
+        return self._episodes()
+
+    def teardown(self, stage: str) -> None:
+        self._close_pool()
+
+    def on_exception(self, exception: BaseException) -> None:
+        self._close_pool()
+
+    def _close_pool(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None

@@ -1,0 +1,90 @@
+"""Datasets the Trainer iterates: learner batches from the actor pool, and evaluation episodes
+played in-process by the current policy."""
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+from kart_lightning.data.pool import ActorPool
+from kart_lightning.data.rollout import stack_slots
+from kart_lightning.envs import EnvConfig, make_env
+
+
+class TrajectoryDataset(IterableDataset):
+    """Endless learner batches: dicts of time-major [T+1, B, ...] tensors (see `rollout_spec`).
+
+    Before each batch it calls `publish_weights`, so actors act with the weights of the latest
+    learner step. It has no `__len__`: a run is bounded by frames, not epochs.
+    """
+
+    def __init__(
+        self,
+        pool: ActorPool,
+        publish_weights: Callable[[], None],
+        env_frames_per_step: int,
+        timeout_s: float,
+    ) -> None:
+        self.pool = pool
+        self.publish_weights = publish_weights
+        self.env_frames_per_batch = pool.unroll_length * pool.batch_size * env_frames_per_step
+        self.timeout_s = timeout_s
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            self.publish_weights()
+            slots = self.pool.take_batch_slots(self.timeout_s)
+            batch = stack_slots(self.pool.buffers, slots)
+            self.pool.release(slots)
+            batch["env_frames"] = self.env_frames_per_batch
+            yield batch
+
+
+class EpisodeDataset(IterableDataset):
+    """Plays `episodes` whole episodes with the policy, one env in this process, and yields one
+    dict per episode: episode_return and episode_length (env frames), as 0-d tensors."""
+
+    def __init__(
+        self, policy: torch.jit.ScriptModule, env: EnvConfig, episodes: int, seed: int, greedy: bool
+    ) -> None:
+        self.policy = policy
+        self.env = env
+        self.episodes = episodes
+        self.seed = seed
+        self.greedy = greedy
+
+    def __len__(self) -> int:
+        return self.episodes
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        env = make_env(self.env, seed=self.seed)
+        device = next(self.policy.parameters()).device
+        try:
+            for episode in range(self.episodes):
+                yield self._play(env, self.seed + episode, device)
+        finally:
+            env.close()
+
+    @torch.no_grad()
+    def _play(self, env, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
+        obs, _ = env.reset(seed=seed)
+        core_state = self.policy.initial_state(1)
+        action = torch.zeros(1, dtype=torch.int64, device=device)
+        reward = torch.zeros(1, device=device)
+        done = torch.ones(1, dtype=torch.bool, device=device)
+        total_reward, steps = 0.0, 0
+        while True:
+            frame = torch.from_numpy(np.asarray(obs)).unsqueeze(0).to(device)
+            action, _, _, core_state = self.policy.act(frame, action, reward, done, core_state, self.greedy)
+            obs, step_reward, terminated, truncated, info = env.step(int(action))
+            total_reward += float(step_reward)
+            steps += 1
+            reward.fill_(float(step_reward))
+            done.fill_(False)
+            if terminated or truncated:
+                stats = info.get("episode", {"r": total_reward, "l": steps})
+                return {
+                    "episode_return": torch.tensor(float(stats["r"])),
+                    "episode_length": torch.tensor(float(stats["l"])),
+                }

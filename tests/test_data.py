@@ -1,0 +1,116 @@
+"""The actor pool and TrajectoryDataset, with real actor processes stepping CartPole-v1."""
+
+import psutil
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from kart_lightning.data import ActorPool, ImpalaDataModule, TrajectoryDataset
+from kart_lightning.data.rollout import SharedWeights, create_buffers, rollout_spec, stack_slots
+from kart_lightning.envs import EnvConfig
+from kart_lightning.models import ActorCritic
+from kart_lightning.module import ImpalaModule
+
+CARTPOLE = EnvConfig(id="CartPole-v1")
+
+
+def make_pool(policy, num_actors=1, envs_per_actor=1, unroll_length=5, batch_size=1):
+    return ActorPool(
+        policy=policy, env=CARTPOLE, obs_shape=[4], obs_dtype=torch.float32, num_actions=2,
+        num_actors=num_actors, envs_per_actor=envs_per_actor, unroll_length=unroll_length,
+        batch_size=batch_size, num_slots=None, seed=0, start_method="spawn",
+    )
+
+
+def actor_processes():
+    """Live spawned children of this process (multiprocessing's resource tracker is not one)."""
+    alive = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(child.cmdline()):
+                alive.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+@pytest.fixture
+def policy():
+    torch.manual_seed(0)
+    return torch.jit.script(ActorCritic([4], 2, torso="mlp", hidden_size=32, use_lstm=True, lstm_size=16))
+
+
+def test_stacked_slots_are_time_major_with_batch_second():
+    spec = rollout_spec([4, 8, 8], torch.uint8, num_actions=3, unroll_length=5, core_state_size=7)
+    buffers = create_buffers(spec, num_slots=4)
+    buffers["obs"][2] = 7
+    batch = stack_slots(buffers, [2, 0])
+    assert batch["obs"].shape == (6, 2, 4, 8, 8)
+    assert batch["obs"].dtype == torch.uint8
+    assert bool((batch["obs"][:, 0] == 7).all()) and bool((batch["obs"][:, 1] == 0).all())
+    assert batch["behaviour_logits"].shape == (6, 2, 3)
+    assert batch["core_h"].shape == (1, 2, 7)
+    assert batch["policy_version"].shape == (2,)
+
+
+def test_shared_weights_reach_a_module_and_carry_their_version(policy):
+    weights = SharedWeights(policy.state_dict(), torch.multiprocessing.get_context("spawn"))
+    other = torch.jit.script(ActorCritic([4], 2, torso="mlp", hidden_size=32, use_lstm=True, lstm_size=16))
+    weights.publish(policy.state_dict(), version=3)
+    assert weights.copy_into(other.state_dict(keep_vars=True)) == 3
+    for name, tensor in other.state_dict().items():
+        assert torch.equal(tensor, policy.state_dict()[name])
+
+
+def test_behaviour_logits_are_what_the_policy_gives_on_the_stored_trajectory(policy):
+    pool = make_pool(policy, num_actors=2, envs_per_actor=2, unroll_length=6, batch_size=3)
+    try:
+        slots = pool.take_batch_slots(timeout_s=120)
+        batch = stack_slots(pool.buffers, slots)
+        pool.release(slots)
+    finally:
+        pool.close()
+    with torch.no_grad():
+        logits, _, _ = policy(batch["obs"], batch["prev_action"], batch["reward"], batch["done"],
+                              (batch["core_h"], batch["core_c"]))
+    torch.testing.assert_close(logits, batch["behaviour_logits"])
+    assert bool((batch["prev_action"][1:] == batch["action"][:-1]).all())
+
+
+def test_consecutive_unrolls_of_an_env_overlap_by_one_step(policy):
+    pool = make_pool(policy, unroll_length=4, batch_size=1)
+    try:
+        dataset = iter(TrajectoryDataset(pool, lambda: None, env_frames_per_step=1, timeout_s=120))
+        first, second = next(dataset), next(dataset)
+    finally:
+        pool.close()
+    for name in ("obs", "reward", "done", "action", "behaviour_logits"):
+        torch.testing.assert_close(second[name][0], first[name][-1])
+    assert bool(first["done"][0]), "an env's first unroll starts an episode"
+    assert first["env_frames"] == 4
+
+
+def test_no_actor_process_survives_close(policy):
+    pool = make_pool(policy, num_actors=2)
+    pids = [p.pid for p in pool.processes]
+    pool.close()
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                   for pid in pids)
+
+
+class FailingModule(ImpalaModule):
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 2:
+            raise RuntimeError("boom")
+        return super().training_step(batch, batch_idx)
+
+
+def test_no_actor_process_survives_an_exception_during_fit(tmp_path):
+    data = ImpalaDataModule(env=CARTPOLE, num_actors=2, unroll_length=5, batch_size=2)
+    model = FailingModule(obs_shape=data.obs_shape, num_actions=data.num_actions, torso="mlp", hidden_size=16)
+    trainer = Trainer(default_root_dir=tmp_path, max_steps=10, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, limit_val_batches=0)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(model, datamodule=data)
+    assert data.pool is None
+    assert actor_processes() == []
