@@ -1,0 +1,202 @@
+"""ImpalaModule: the V-trace actor-critic loss, optimizer and learning-rate schedule around a
+TorchScript policy, with the env-frame counter that bounds a run across resumes."""
+
+import time
+from collections import deque
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torchmetrics.aggregation import RunningMean
+
+from kart_lightning.losses import vtrace
+from kart_lightning.models import ActorCritic
+
+
+def clip_rewards(rewards: torch.Tensor, mode: str) -> torch.Tensor:
+    """Reward clipping of the learner's loss: `abs_one` clamps to [-1, 1]; `soft_asymmetric` is the
+    paper's 5·tanh(r/5) with negative rewards scaled by 0.3; `none` leaves them."""
+    if mode == "abs_one":
+        return rewards.clamp(-1.0, 1.0)
+    if mode == "soft_asymmetric":
+        squeezed = torch.tanh(rewards / 5.0)
+        return torch.where(rewards < 0, 0.3 * squeezed, squeezed) * 5.0
+    return rewards
+
+
+class ImpalaModule(LightningModule):
+    """Learns from [T+1, B] trajectories with V-trace (arXiv:1802.01561).
+
+    The policy is scripted at construction; the same scripted module runs in the actors.
+    """
+
+    def __init__(
+        self,
+        obs_shape: list[int] | None = None,
+        num_actions: int = 2,
+        torso: Literal["shallow", "deep", "mlp"] = "shallow",
+        hidden_size: int = 256,
+        use_lstm: bool = False,
+        lstm_size: int = 256,
+        discount: float = 0.99,
+        baseline_cost: float = 0.5,
+        entropy_cost: float = 0.01,
+        reward_clipping: Literal["abs_one", "soft_asymmetric", "none"] = "abs_one",
+        clip_rho_threshold: float | None = 1.0,
+        clip_pg_rho_threshold: float | None = 1.0,
+        optimizer: Literal["rmsprop", "adam"] = "rmsprop",
+        learning_rate: float = 0.0006,
+        rmsprop_alpha: float = 0.99,
+        rmsprop_eps: float = 0.01,
+        rmsprop_momentum: float = 0.0,
+        adam_eps: float = 1e-8,
+        lr_decay: bool = True,
+        max_frames: int = 10_000_000,
+        return_window: int = 100,
+    ) -> None:
+        """
+        Args:
+            obs_shape: Observation shape, [C, H, W] uint8 frames or [D] vectors (filled in from the env).
+            num_actions: Size of the discrete action set (filled in from the env).
+            torso: shallow (the paper's Atari CNN), deep (the paper's residual network) or mlp (vectors).
+            hidden_size: Width of the torso's output layer.
+            use_lstm: Add an LSTM core; its state is zeroed where an episode ended.
+            lstm_size: LSTM hidden units.
+            discount: Discount γ per agent step.
+            baseline_cost: Weight of the baseline loss baseline_cost · ½ Σ (vs − V)².
+            entropy_cost: Weight of the entropy bonus.
+            reward_clipping: abs_one (clamp to [-1, 1]), soft_asymmetric (the paper's tanh form) or none.
+            clip_rho_threshold: ρ̄ of V-trace targets; null for no clipping.
+            clip_pg_rho_threshold: ρ̄ of the policy-gradient advantages; null for no clipping.
+            optimizer: rmsprop (the paper's) or adam.
+            learning_rate: Initial learning rate.
+            rmsprop_alpha: RMSProp decay.
+            rmsprop_eps: RMSProp epsilon.
+            rmsprop_momentum: RMSProp momentum.
+            adam_eps: Adam epsilon.
+            lr_decay: Decay the learning rate linearly to zero over max_frames.
+            max_frames: Env frames (agent steps × frame skip) after which fit stops, across resumes.
+            return_window: Episodes averaged in the reported mean return and length.
+        """
+        if obs_shape is None:
+            obs_shape = [4, 84, 84]
+        super().__init__()
+        self.save_hyperparameters()
+        self.policy = torch.jit.script(
+            ActorCritic(obs_shape, num_actions, torso, hidden_size, use_lstm, lstm_size)
+        )
+        # A buffer, so checkpoints carry it and resume continues the count and the lr schedule.
+        self.register_buffer("env_frames", torch.zeros((), dtype=torch.int64))
+        self.episode_return = RunningMean(window=return_window, nan_strategy="ignore")
+        self.episode_length = RunningMean(window=return_window, nan_strategy="ignore")
+        self._throughput = deque(maxlen=50)
+        self.episodes = 0
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        return self.policy(
+            batch["obs"], batch["prev_action"], batch["reward"], batch["done"],
+            (batch["core_h"], batch["core_c"]),
+        )
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Losses on a batch of [T+1, B] trajectories: step t's departure (action, logits) pairs
+        with step t+1's arrival (reward, done), and V(obs[T]) bootstraps."""
+        hp = self.hparams
+        logits, values, _ = self(batch)
+        rewards = clip_rewards(batch["reward"][1:], hp.reward_clipping)
+        rewards = rewards + hp.discount * batch["truncation_value"][1:]
+        discounts = (~batch["done"][1:]).float() * hp.discount
+        returns = vtrace.from_logits(
+            behaviour_policy_logits=batch["behaviour_logits"][:-1],
+            target_policy_logits=logits[:-1],
+            actions=batch["action"][:-1],
+            discounts=discounts,
+            rewards=rewards,
+            values=values[:-1],
+            bootstrap_value=values[-1],
+            clip_rho_threshold=hp.clip_rho_threshold,
+            clip_pg_rho_threshold=hp.clip_pg_rho_threshold,
+        )
+        # Sums over time and batch, as in the reference implementations the lr was tuned with.
+        policy_loss = -(returns.target_action_log_probs * returns.pg_advantages).sum()
+        baseline_loss = hp.baseline_cost * 0.5 * (returns.vs - values[:-1]).pow(2).sum()
+        log_policy = F.log_softmax(logits[:-1], dim=-1)
+        entropy_loss = hp.entropy_cost * (log_policy.exp() * log_policy).sum()
+        return {
+            "loss": policy_loss + baseline_loss + entropy_loss,
+            "policy_loss": policy_loss,
+            "baseline_loss": baseline_loss,
+            "entropy_loss": entropy_loss,
+        }
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> int | None:
+        if self.env_frames >= self.hparams.max_frames:
+            self.trainer.should_stop = True
+            return -1
+        return None
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        losses = self.compute_loss(batch)
+        self.env_frames += batch["env_frames"]
+        self._log_training(batch, losses)
+        return losses["loss"]
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.env_frames >= self.hparams.max_frames:
+            self.trainer.should_stop = True
+
+    def _log_training(self, batch: dict[str, torch.Tensor], losses: dict[str, torch.Tensor]) -> None:
+        batch_size = batch["reward"].shape[1]
+        for name, value in losses.items():
+            self.log(f"train/{name}", value.detach(), batch_size=batch_size)
+        env_frames = int(self.env_frames)
+        self._throughput.append((time.monotonic(), env_frames))
+        if len(self._throughput) > 1:
+            (t0, f0), (t1, f1) = self._throughput[0], self._throughput[-1]
+            self.log("frames_per_s", (f1 - f0) / max(t1 - t0, 1e-9), prog_bar=True, batch_size=batch_size)
+        self.log("env_frames", float(env_frames), prog_bar=True, batch_size=batch_size)
+        self.log("learning_rate", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
+        lag = self.global_step - batch["policy_version"].float().mean()
+        self.log("policy_lag", lag, batch_size=batch_size)
+
+        # Row 0 repeats the previous unroll's last row; count each finished episode once.
+        finished = batch["done"][1:] & ~torch.isnan(batch["episode_return"][1:])
+        for value in batch["episode_return"][1:][finished].tolist():
+            self.episode_return.update(value)
+        for value in batch["episode_length"][1:][finished].tolist():
+            self.episode_length.update(value)
+        self.episodes += int(finished.sum())
+        if self.episodes:
+            self.log("episode/return", self.episode_return.compute(), prog_bar=True, batch_size=batch_size)
+            self.log("episode/length", self.episode_length.compute(), batch_size=batch_size)
+            self.log("episodes", float(self.episodes), batch_size=batch_size)
+
+    def _log_episodes(self, prefix: str, batch: dict[str, torch.Tensor]) -> None:
+        self.log(f"{prefix}/episode_return", batch["episode_return"], batch_size=1)
+        self.log(f"{prefix}/episode_length", batch["episode_length"], batch_size=1)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._log_episodes("val", batch)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._log_episodes("test", batch)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        if hp.optimizer == "rmsprop":
+            optimizer = torch.optim.RMSprop(
+                self.parameters(), lr=hp.learning_rate, alpha=hp.rmsprop_alpha,
+                eps=hp.rmsprop_eps, momentum=hp.rmsprop_momentum,
+            )
+        else:
+            optimizer = torch.optim.Adam(self.parameters(), lr=hp.learning_rate, eps=hp.adam_eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _lr_factor(self, _step: int) -> float:
+        """Linear decay to zero over the frame budget, read from the frame counter so a resumed
+        run continues the same schedule."""
+        if not self.hparams.lr_decay:
+            return 1.0
+        return max(0.0, 1.0 - int(self.env_frames) / self.hparams.max_frames)
