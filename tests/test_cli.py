@@ -1,0 +1,161 @@
+"""The command line end to end, in subprocesses: fit, resume, test, bad input, Ctrl-C."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# T=20, B=16 from configs/cartpole.yaml: 320 env frames per learner step.
+FRAMES_PER_STEP = 320
+
+
+def kart(*args: str, timeout_s: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "kart_lightning", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout_s, check=False,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stderr[-3000:]}")
+    return result
+
+
+def cartpole_args(run_dir: Path, max_frames: int) -> list:
+    return [
+        "--config", "configs/cartpole.yaml",
+        "--model.max_frames", str(max_frames),
+        "--checkpoint.dirpath", str(run_dir / "checkpoints"),
+        "--trainer.default_root_dir", str(run_dir),
+        "--trainer.val_check_interval", "100000",
+        "--trainer.enable_progress_bar", "false",
+    ]
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A CartPole run of 200 learner steps, stopped by its frame budget."""
+    run_dir = tmp_path_factory.mktemp("cartpole")
+    kart("fit", *cartpole_args(run_dir, 200 * FRAMES_PER_STEP))
+    return run_dir
+
+
+def test_fit_stops_at_its_frame_budget_with_a_checkpoint_and_tensorboard_events(trained):
+    checkpoint = load(trained / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 200
+    assert int(checkpoint["state_dict"]["env_frames"]) == 200 * FRAMES_PER_STEP
+    assert list(trained.glob("lightning_logs/version_*/events.out.tfevents.*"))
+
+
+def test_resume_continues_steps_frames_optimizer_and_lr_schedule(trained, tmp_path):
+    run_dir = tmp_path / "resumed"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").symlink_to(trained / "checkpoints", target_is_directory=True)
+    before = load(trained / "checkpoints" / "last.ckpt")
+    kart("fit", *cartpole_args(run_dir, 300 * FRAMES_PER_STEP), "--ckpt_path", "last")
+    after = load(trained / "checkpoints" / "last.ckpt")
+    assert after["global_step"] == 300
+    assert int(after["state_dict"]["env_frames"]) == 300 * FRAMES_PER_STEP
+    assert after["lr_schedulers"][0]["last_epoch"] == before["lr_schedulers"][0]["last_epoch"] + 100
+    adam_steps = [state["step"] for state in after["optimizer_states"][0]["state"].values()]
+    assert all(int(step) == 300 for step in adam_steps)
+    # The lr decays linearly over the (new) budget of 300 steps' frames from where it stopped.
+    logged = learning_rates(run_dir)
+    assert min(logged) > 200
+    for step, lr in logged.items():
+        assert lr == pytest.approx(0.003 * (1 - step / 300), abs=1e-6)
+
+
+def learning_rates(run_dir: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = run_dir.glob("lightning_logs/version_*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    return {scalar.step: scalar.value for scalar in accumulator.Scalars("learning_rate")}
+
+
+def test_test_subcommand_plays_held_out_episodes_from_a_checkpoint(trained):
+    result = kart("test", "--config", "configs/cartpole.yaml",
+                  "--ckpt_path", str(trained / "checkpoints" / "last.ckpt"),
+                  "--trainer.default_root_dir", str(trained), "--data.eval_episodes", "3")
+    assert "test/episode_return" in result.stdout
+
+
+def test_an_incompatible_checkpoint_is_refused_in_one_sentence(trained):
+    result = kart("test", "--config", "configs/cartpole.yaml", "--model.hidden_size", "32",
+                  "--ckpt_path", str(trained / "checkpoints" / "last.ckpt"), check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "use the config it was trained with" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--model.no_such_option", "1"], "unrecognized arguments"),
+        (["--model.learning_rate", "fast"], "model.learning_rate"),
+        (["--data.env.id", "NoSuchGame-v9"], "Unknown env id 'NoSuchGame-v9'"),
+        (["--ckpt_path", "no/such.ckpt"], "checkpoint no/such.ckpt does not exist"),
+        (["--data.num_actors", "2", "--data.envs_per_actor", "2", "--data.num_slots", "3"], "num_slots=3"),
+    ],
+)
+def test_bad_input_ends_in_one_sentence_and_exit_code_2(args, says):
+    result = kart("fit", "--config", "configs/cartpole.yaml", *args, check=False, timeout_s=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("kart_lightning: error:") and says in last_line
+
+
+def test_print_config_round_trips(tmp_path):
+    printed = kart("fit", "--config", "configs/cartpole.yaml", "--print_config").stdout
+    (tmp_path / "printed.yaml").write_text(printed)
+    again = kart("fit", "--config", str(tmp_path / "printed.yaml"), "--print_config").stdout
+    assert again == printed
+    assert "CartPole-v1" in printed and "max_frames: 600000" in printed
+
+
+def actor_children(process: psutil.Process) -> list:
+    children = []
+    for child in process.children(recursive=True):
+        try:
+            if "spawn_main" in " ".join(child.cmdline()):
+                children.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return children
+
+
+def test_ctrl_c_stops_fit_and_leaves_no_actor_process(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kart_lightning", "fit", *cartpole_args(tmp_path, 10**9)],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    parent = psutil.Process(process.pid)
+    deadline = time.monotonic() + 120
+    while len(actor_children(parent)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    actors = actor_children(parent)
+    assert len(actors) == 2, "the actors never started"
+    time.sleep(3)  # let training run
+    os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
+    process.wait(timeout=60)
+    _gone, alive = psutil.wait_procs(actors, timeout=10)
+    assert alive == []
+    assert "KeyboardInterrupt" in process.stderr.read()
+
+
+def test_fit_with_no_config_runs_the_quickstart_settings():
+    default = kart("fit", "--print_config").stdout
+    quickstart = kart("fit", "--config", "configs/quickstart.yaml", "--print_config").stdout
+    assert default == quickstart
