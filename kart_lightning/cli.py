@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from kart_lightning.data.datamodule import ImpalaDataModule
+from kart_lightning.data.pool import ActorFailed
 from kart_lightning.errors import ConfigError
 from kart_lightning.module import ImpalaModule
 
@@ -113,8 +114,11 @@ def main(args: list[str] | None = None) -> None:
         fail(f"{' '.join(str(error).split())} (see `python -m kart_lightning SUBCOMMAND --help`).")
     except ConfigError as error:
         fail(str(error))
+    except ActorFailed as error:
+        # Not the user's mistake, but the actor's traceback says more than ours would.
+        fail(str(error), exit_code=1)
 
 
-def fail(sentence: str) -> None:
-    print(f"kart_lightning: error: {sentence}", file=sys.stderr)
-    sys.exit(2)
+def fail(message: str, exit_code: int = 2) -> None:
+    print(f"kart_lightning: error: {message}", file=sys.stderr)
+    sys.exit(exit_code)

@@ -159,6 +159,8 @@ class ImpalaModule(LightningModule):
         self.log("learning_rate", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
         lag = self.global_step - batch["policy_version"].float().mean()
         self.log("policy_lag", lag, batch_size=batch_size)
+        for name, value in batch.get("pool_stats", {}).items():
+            self.log(name, value, batch_size=batch_size)
 
         # Row 0 repeats the previous unroll's last row; count each finished episode once.
         finished = batch["done"][1:] & ~torch.isnan(batch["episode_return"][1:])

@@ -106,7 +106,8 @@ def test_an_incompatible_checkpoint_is_refused_in_one_sentence(trained):
         (["--model.learning_rate", "fast"], "model.learning_rate"),
         (["--data.env.id", "NoSuchGame-v9"], "Unknown env id 'NoSuchGame-v9'"),
         (["--ckpt_path", "no/such.ckpt"], "checkpoint no/such.ckpt does not exist"),
-        (["--data.num_actors", "2", "--data.envs_per_actor", "2", "--data.num_slots", "3"], "num_slots=3"),
+        (["--data.num_actors", "1", "--data.batch_size", "16", "--data.slots_per_env", "2"], "slots_per_env=2"),
+        (["--data.batch_size", "0"], "data.batch_size is 0"),
     ],
 )
 def test_bad_input_ends_in_one_sentence_and_exit_code_2(args, says):

@@ -1,12 +1,19 @@
 """The actor pool and TrajectoryDataset, with real actor processes stepping CartPole-v1."""
 
+import os
+import signal
+import time
+
+import gymnasium
 import psutil
 import pytest
 import torch
+from gymnasium.envs.classic_control import CartPoleEnv
 from lightning.pytorch import Trainer
 
-from kart_lightning.data import ActorPool, ImpalaDataModule, TrajectoryDataset
-from kart_lightning.data.rollout import SharedWeights, create_buffers, rollout_spec, stack_slots
+from kart_lightning.data import ActorFailed, ActorPool, ImpalaDataModule, TrajectoryDataset
+from kart_lightning.data.rollout import SharedWeights, create_buffers, empty_batch, rollout_spec, stack_slots
+from kart_lightning.data.slots import FREE, SlotBoard
 from kart_lightning.envs import EnvConfig
 from kart_lightning.models import ActorCritic
 from kart_lightning.module import ImpalaModule
@@ -14,11 +21,12 @@ from kart_lightning.module import ImpalaModule
 CARTPOLE = EnvConfig(id="CartPole-v1")
 
 
-def make_pool(policy, num_actors=1, envs_per_actor=1, unroll_length=5, batch_size=1):
+def make_pool(policy, num_actors=1, envs_per_actor=1, unroll_length=5, batch_size=1, env=CARTPOLE,
+              start_method="spawn"):
     return ActorPool(
-        policy=policy, env=CARTPOLE, obs_shape=[4], obs_dtype=torch.float32, num_actions=2,
+        policy=policy, env=env, obs_shape=[4], obs_dtype=torch.float32, num_actions=2,
         num_actors=num_actors, envs_per_actor=envs_per_actor, unroll_length=unroll_length,
-        batch_size=batch_size, num_slots=None, seed=0, start_method="spawn",
+        batch_size=batch_size, seed=0, start_method=start_method,
     )
 
 
@@ -114,3 +122,93 @@ def test_no_actor_process_survives_an_exception_during_fit(tmp_path):
         trainer.fit(model, datamodule=data)
     assert data.pool is None
     assert actor_processes() == []
+
+
+class FlakyCartPole(CartPoleEnv):
+    """CartPole whose step raises every 50th call: an env that crashes now and then."""
+
+    calls = 0
+
+    def step(self, action):
+        FlakyCartPole.calls += 1
+        if FlakyCartPole.calls % 50 == 0:
+            raise RuntimeError("emulator crashed")
+        return super().step(action)
+
+
+class BrokenCartPole(CartPoleEnv):
+    def reset(self, **kwargs):
+        raise RuntimeError("this env never starts")
+
+
+# Registered here and inherited by forked actors (spawned ones would not see the registry).
+gymnasium.register("FlakyCartPole-v0", entry_point=FlakyCartPole, max_episode_steps=500)
+gymnasium.register("BrokenCartPole-v0", entry_point=BrokenCartPole)
+
+
+def test_slot_board_gives_the_learner_the_oldest_full_slots_and_recycles_a_dead_actors():
+    board = SlotBoard(num_actors=2, slots_per_actor=3)
+    first = board.acquire(actor=1, count=2, parent_pid=os.getppid())
+    assert first.tolist() == [3, 4]
+    board.mark_full(first[1:])
+    board.mark_full(first[:1])
+    assert board.take_oldest_full(3) is None
+    assert board.take_oldest_full(2) == [4, 3]
+    board.acquire(actor=1, count=1, parent_pid=os.getppid())
+    assert board.recycle(actor=1) == 1
+    assert board.count(FREE) == 4
+
+
+def test_a_killed_actor_is_replaced_and_batches_keep_coming(policy):
+    pool = make_pool(policy, num_actors=2, unroll_length=4, batch_size=2)
+    try:
+        pool.release(pool.take_batch_slots(timeout_s=120))
+        victim = pool.processes[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join()
+        for _ in range(20):
+            pool.release(pool.take_batch_slots(timeout_s=120))
+        deadline = time.monotonic() + 30
+        while pool.restarts == 0 and time.monotonic() < deadline:
+            pool.release(pool.take_batch_slots(timeout_s=120))
+        assert pool.restarts == 1
+        assert pool.processes[0].pid != victim.pid and pool.processes[0].is_alive()
+        assert pool.stats()["pool/actor_restarts"] == 1.0
+    finally:
+        pool.close()
+
+
+def test_an_env_that_raises_is_rebuilt_and_the_actor_goes_on(policy):
+    pool = make_pool(policy, unroll_length=20, batch_size=1, env=EnvConfig(id="FlakyCartPole-v0"),
+                     start_method="fork")
+    try:
+        for _ in range(8):  # 160 steps: at least three crashes
+            slots = pool.take_batch_slots(timeout_s=120)
+            batch = stack_slots(pool.buffers, slots)
+            pool.release(slots)
+        assert pool.stats()["pool/env_rebuilds"] >= 3
+        assert pool.restarts == 0
+        assert bool(batch["done"].any())
+    finally:
+        pool.close()
+
+
+def test_actors_that_keep_dying_stop_the_run_with_their_error(policy):
+    pool = make_pool(policy, env=EnvConfig(id="BrokenCartPole-v0"), start_method="fork")
+    try:
+        with pytest.raises(ActorFailed, match="this env never starts"):
+            pool.take_batch_slots(timeout_s=120)
+    finally:
+        pool.close()
+
+
+def test_stacking_into_preallocated_storage_gives_the_same_batch():
+    spec = rollout_spec([2, 4, 4], torch.uint8, num_actions=3, unroll_length=3, core_state_size=5)
+    buffers = create_buffers(spec, num_slots=3)
+    for buffer in buffers.values():
+        buffer.copy_(torch.randint(0, 100, buffer.shape).to(buffer.dtype))
+    out = empty_batch(buffers, batch_size=2, pin_memory=False)
+    written = stack_slots(buffers, [2, 0], out=out)
+    for name, tensor in stack_slots(buffers, [2, 0]).items():
+        assert torch.equal(written[name], tensor)
+        assert written[name].data_ptr() == out[name].data_ptr()

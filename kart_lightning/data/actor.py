@@ -1,9 +1,9 @@
 """The actor process: steps its environments with a CPU copy of the scripted policy and fills
-rollout slots in shared memory; queues carry slot indices only."""
+its own rollout slots in shared memory; the slot board says which slots are ready."""
 
+import contextlib
 import io
-import os
-import queue
+import sys
 import traceback
 from dataclasses import dataclass
 
@@ -11,9 +11,8 @@ import numpy as np
 import torch
 
 from kart_lightning.data.rollout import SharedWeights
+from kart_lightning.data.slots import ParentGone, SlotBoard
 from kart_lightning.envs import EnvConfig, make_env
-
-QUEUE_POLL_S = 1.0
 
 
 @dataclass
@@ -27,33 +26,33 @@ class ActorSpec:
     unroll_length: int
     policy_bytes: bytes
     parent_pid: int
+    torch_threads: int
 
 
-class ParentGone(Exception):
-    """The learner process died; the actor has nobody to work for."""
+@dataclass
+class ActorCounters:
+    """Per-actor counters in shared memory, [num_actors] int64 each, read by the pool."""
 
+    unrolls: torch.Tensor
+    env_rebuilds: torch.Tensor
 
-def _get_slot(free_slots, parent_pid: int) -> int:
-    while True:
-        try:
-            return free_slots.get(timeout=QUEUE_POLL_S)
-        except queue.Empty:
-            if os.getppid() != parent_pid:
-                raise ParentGone from None
+    @classmethod
+    def create(cls, num_actors: int) -> "ActorCounters":
+        return cls(*(torch.zeros(num_actors, dtype=torch.int64).share_memory_() for _ in range(2)))
 
 
 def act(
     spec: ActorSpec,
     buffers: dict[str, torch.Tensor],
     weights: SharedWeights,
-    free_slots,
-    full_slots,
+    board: SlotBoard,
+    counters: ActorCounters,
     errors,
 ) -> None:
     """Entry point of an actor process: run until the parent goes away or the process is stopped."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(spec.torch_threads)
     try:
-        _run(spec, buffers, weights, free_slots, full_slots)
+        _run(spec, buffers, weights, board, counters)
     except (KeyboardInterrupt, ParentGone):
         pass
     except Exception:
@@ -61,13 +60,14 @@ def act(
         raise
 
 
-def _run(spec: ActorSpec, buffers, weights: SharedWeights, free_slots, full_slots) -> None:
-    policy = torch.jit.load(io.BytesIO(spec.policy_bytes))
+def _run(spec: ActorSpec, buffers, weights: SharedWeights, board: SlotBoard, counters: ActorCounters) -> None:
+    policy = torch.jit.load(io.BytesIO(spec.policy_bytes), map_location="cpu")
     policy.eval()
     policy_state = policy.state_dict(keep_vars=True)
     version = weights.copy_into(policy_state)
 
     envs = [make_env(spec.env, seed=spec.seed + k) for k in range(spec.num_envs)]
+    rebuild = EnvRebuilder(spec, envs, counters)
     K = spec.num_envs
     obs = torch.from_numpy(np.stack([env.reset(seed=spec.seed + k)[0] for k, env in enumerate(envs)]))
     reward = torch.zeros(K)
@@ -83,7 +83,7 @@ def _run(spec: ActorSpec, buffers, weights: SharedWeights, free_slots, full_slot
         action, logits, _, core_state = policy.act(obs, prev_action, reward, done, core_state, False)
 
         while True:
-            slots = torch.tensor([_get_slot(free_slots, spec.parent_pid) for _ in range(K)])
+            slots = board.acquire(spec.index, K, spec.parent_pid)
             if weights.version.value != version:
                 version = weights.copy_into(policy_state)
             buffers["core_h"][slots] = state_before[0].transpose(0, 1)
@@ -94,7 +94,7 @@ def _run(spec: ActorSpec, buffers, weights: SharedWeights, free_slots, full_slot
                 if t > 0:
                     prev_action = action
                     obs, reward, done, truncation_value, episode_return, episode_length = _step(
-                        envs, action, policy, core_state
+                        envs, action, policy, core_state, rebuild
                     )
                     state_before = core_state
                     action, logits, _, core_state = policy.act(
@@ -111,8 +111,8 @@ def _run(spec: ActorSpec, buffers, weights: SharedWeights, free_slots, full_slot
                     "action": action,
                     "behaviour_logits": logits,
                 })
-            for slot in slots.tolist():
-                full_slots.put(slot)
+            board.mark_full(slots)
+            counters.unrolls[spec.index] += 1
 
 
 def _write_row(buffers, slots: torch.Tensor, t: int, row: dict[str, torch.Tensor]) -> None:
@@ -120,7 +120,30 @@ def _write_row(buffers, slots: torch.Tensor, t: int, row: dict[str, torch.Tensor
         buffers[name][slots, t] = value
 
 
-def _step(envs: list, action: torch.Tensor, policy, core_state):
+class EnvRebuilder:
+    """Replaces an env that raised with a fresh one, counted, so one bad episode does not kill
+    the actor (an env that cannot even be built still does: the pool restarts the actor)."""
+
+    def __init__(self, spec: ActorSpec, envs: list, counters: ActorCounters) -> None:
+        self.spec, self.envs, self.counters = spec, envs, counters
+
+    def __call__(self, k: int, error: Exception):
+        rebuilds = int(self.counters.env_rebuilds[self.spec.index]) + 1
+        self.counters.env_rebuilds[self.spec.index] = rebuilds
+        print(
+            f"kart_lightning: actor {self.spec.index} env {k} raised {type(error).__name__}: {error}; "
+            "rebuilding it", file=sys.stderr, flush=True,
+        )
+        # A broken env may fail to close too; it is dropped either way.
+        with contextlib.suppress(Exception):
+            self.envs[k].close()
+        # A new seed, so a deterministic failure is not replayed step for step.
+        self.envs[k] = make_env(self.spec.env, seed=self.spec.seed + k + 1000 * rebuilds)
+        observation, _ = self.envs[k].reset()
+        return observation
+
+
+def _step(envs: list, action: torch.Tensor, policy, core_state, rebuild: EnvRebuilder):
     """Step every env once; reset the ones whose episode ended. Returns the arrival fields, [K] each."""
     K = len(envs)
     observations, rewards = [], torch.zeros(K)
@@ -130,7 +153,15 @@ def _step(envs: list, action: torch.Tensor, policy, core_state):
     episode_length = torch.full((K,), float("nan"))
     truncated_obs, truncated_index = [], []
     for k, env in enumerate(envs):
-        observation, reward, terminated, truncated, info = env.step(int(action[k]))
+        try:
+            observation, reward, terminated, truncated, info = env.step(int(action[k]))
+            if terminated or truncated:
+                last_observation = observation
+                observation, _ = env.reset()
+        except Exception as error:  # noqa: BLE001 - any env failure: rebuild it and start a new episode
+            observations.append(rebuild(k, error))
+            done[k] = True
+            continue
         rewards[k] = float(reward)
         if "episode" in info:
             episode_return[k] = float(info["episode"]["r"])
@@ -138,9 +169,8 @@ def _step(envs: list, action: torch.Tensor, policy, core_state):
         if terminated or truncated:
             done[k] = True
             if truncated and not terminated:
-                truncated_obs.append(observation)
+                truncated_obs.append(last_observation)
                 truncated_index.append(k)
-            observation, _ = env.reset()
         observations.append(observation)
     if truncated_index:
         index = torch.tensor(truncated_index)

@@ -2,6 +2,8 @@
 and the evaluation episodes, and tells the model what the environment looks like."""
 
 import dataclasses
+import math
+import os
 from typing import Literal
 
 import numpy as np
@@ -28,9 +30,12 @@ class ImpalaDataModule(LightningDataModule):
         envs_per_actor: int = 1,
         unroll_length: int = 80,
         batch_size: int = 8,
-        num_slots: int | None = None,
+        slots_per_env: int | None = None,
         seed: int = 0,
         start_method: Literal["spawn", "forkserver", "fork"] = "spawn",
+        actor_threads: int = 1,
+        learner_threads: int | None = None,
+        max_actor_failures: int = 3,
         rollout_timeout_s: float = 600.0,
         eval_episodes: int = 5,
         eval_seed: int = 1_000_000,
@@ -44,9 +49,15 @@ class ImpalaDataModule(LightningDataModule):
             unroll_length: T, agent steps per trajectory; a slot holds T+1 (the last step is repeated
                 as the first of the next unroll).
             batch_size: B, trajectories per learner batch.
-            num_slots: Shared-memory rollout slots; default 2 * num_actors * envs_per_actor + batch_size.
+            slots_per_env: Shared-memory rollout slots per env; default 2 + ceil(batch_size / envs),
+                the fewest that can never deadlock, plus one so actors keep acting.
             seed: Base seed; env k of actor i is seeded seed + 10000 * i + k.
             start_method: How actor processes start; spawn is safe with threads and CUDA.
+            actor_threads: Torch threads per actor process (1: actors are many, their batches small).
+            learner_threads: Torch threads of the learner; default the cores the actors leave
+                (at least 1).
+            max_actor_failures: An actor that dies this many times in a row before finishing an
+                unroll stops the run; dead actors are otherwise restarted.
             rollout_timeout_s: Give up (with an error) when no trajectory arrives for this long.
             eval_episodes: Episodes played by `validate` and `test`.
             eval_seed: First seed of the evaluation episodes (held out from training seeds).
@@ -57,11 +68,11 @@ class ImpalaDataModule(LightningDataModule):
         for name in ("num_actors", "envs_per_actor", "unroll_length", "batch_size", "eval_episodes"):
             if getattr(self.hparams, name) < 1:
                 raise ConfigError(f"data.{name} is {getattr(self.hparams, name)}: set it to 1 or more.")
-        least_slots = num_actors * envs_per_actor + batch_size
-        if num_slots is not None and num_slots < least_slots:
+        least_slots_per_env = 1 + math.ceil((batch_size - 1) / (num_actors * envs_per_actor))
+        if slots_per_env is not None and slots_per_env < least_slots_per_env:
             raise ConfigError(
-                f"data.num_slots={num_slots} is too few for the actors to fill a batch: set it to at "
-                f"least num_actors * envs_per_actor + batch_size = {least_slots}, or leave it unset."
+                f"data.slots_per_env={slots_per_env} is too few for {num_actors * envs_per_actor} envs to "
+                f"fill a batch of {batch_size}: set it to at least {least_slots_per_env}, or leave it unset."
             )
         check_env_id(env.id)
         self.env = env
@@ -90,9 +101,16 @@ class ImpalaDataModule(LightningDataModule):
                 envs_per_actor=hp.envs_per_actor,
                 unroll_length=hp.unroll_length,
                 batch_size=hp.batch_size,
-                num_slots=hp.num_slots,
                 seed=hp.seed,
                 start_method=hp.start_method,
+                slots_per_env=hp.slots_per_env,
+                actor_threads=hp.actor_threads,
+                max_actor_failures=hp.max_actor_failures,
+            )
+            # The learner gets the cores the actors leave.
+            cores = os.cpu_count() or 1
+            torch.set_num_threads(
+                hp.learner_threads or max(1, cores - hp.num_actors * hp.actor_threads)
             )
 
     def _publish_weights(self) -> None:
@@ -103,7 +121,8 @@ class ImpalaDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # The actor pool is the workers and the dataset yields whole batches.
         dataset = TrajectoryDataset(
-            self.pool, self._publish_weights, self.env_frames_per_step, self.hparams.rollout_timeout_s
+            self.pool, self._publish_weights, self.env_frames_per_step, self.hparams.rollout_timeout_s,
+            pin_memory=self.trainer.strategy.root_device.type == "cuda",
         )
         return DataLoader(dataset, batch_size=None, num_workers=0)
 

@@ -1,6 +1,7 @@
 """Datasets the Trainer iterates: learner batches from the actor pool, and evaluation episodes
 played in-process by the current policy."""
 
+import itertools
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -8,7 +9,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from kart_lightning.data.pool import ActorPool
-from kart_lightning.data.rollout import stack_slots
+from kart_lightning.data.rollout import empty_batch, stack_slots
 from kart_lightning.envs import EnvConfig, make_env
 
 
@@ -16,8 +17,13 @@ class TrajectoryDataset(IterableDataset):
     """Endless learner batches: dicts of time-major [T+1, B, ...] tensors (see `rollout_spec`).
 
     Before each batch it calls `publish_weights`, so actors act with the weights of the latest
-    learner step. It has no `__len__`: a run is bounded by frames, not epochs.
+    learner step. It has no `__len__`: a run is bounded by frames, not epochs. With `pin_memory`
+    batches are written into a few rotating pinned buffers, so frames are copied once on the host
+    and the copy to the GPU is asynchronous.
     """
+
+    # The batch in training, the one Lightning prefetches, and the one being written.
+    PINNED_BATCHES = 3
 
     def __init__(
         self,
@@ -25,19 +31,26 @@ class TrajectoryDataset(IterableDataset):
         publish_weights: Callable[[], None],
         env_frames_per_step: int,
         timeout_s: float,
+        pin_memory: bool = False,
     ) -> None:
         self.pool = pool
         self.publish_weights = publish_weights
         self.env_frames_per_batch = pool.unroll_length * pool.batch_size * env_frames_per_step
         self.timeout_s = timeout_s
+        self.pin_memory = pin_memory
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        while True:
+        pinned = [
+            empty_batch(self.pool.buffers, self.pool.batch_size, pin_memory=True)
+            for _ in range(self.PINNED_BATCHES if self.pin_memory else 0)
+        ]
+        for step in itertools.count():
             self.publish_weights()
             slots = self.pool.take_batch_slots(self.timeout_s)
-            batch = stack_slots(self.pool.buffers, slots)
+            batch = stack_slots(self.pool.buffers, slots, out=pinned[step % len(pinned)] if pinned else None)
             self.pool.release(slots)
             batch["env_frames"] = self.env_frames_per_batch
+            batch["pool_stats"] = self.pool.stats()
             yield batch
 
 

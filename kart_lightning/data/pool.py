@@ -1,11 +1,10 @@
-"""A pool of actor processes around shared rollout slots: start, hand out full slots, stop.
-
-Every child is gone after `close()`, after the learner dies, and at interpreter exit.
-"""
+"""A pool of actor processes around shared rollout slots: start, hand out full slots, restart
+actors that die, stop. Every child is gone after `close()`, after the learner dies, and at exit."""
 
 import atexit
 import io
 import logging
+import math
 import os
 import queue
 import time
@@ -13,21 +12,35 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from kart_lightning.data.actor import ActorSpec, act
+from kart_lightning.data.actor import ActorCounters, ActorSpec, act
 from kart_lightning.data.rollout import SharedWeights, create_buffers, rollout_spec
+from kart_lightning.data.slots import FILLING, FULL, SlotBoard
 from kart_lightning.envs import EnvConfig
 
 log = logging.getLogger(__name__)
 
 JOIN_TIMEOUT_S = 5.0
+LEARNER_POLL_S = 0.0005
+HEALTH_CHECK_S = 0.5
 
 
 class ActorFailed(RuntimeError):
-    """An actor process raised; carries its traceback."""
+    """Actors keep dying before they finish an unroll; carries the last traceback."""
+
+
+def slots_per_env_for(num_envs: int, batch_size: int) -> int:
+    """Enough slots per env that the actors can always complete a batch (no deadlock: while the
+    learner waits, the FULL slots of actors that wait for a free one already make a batch), plus
+    one so actors keep acting while the learner copies a batch out."""
+    return 2 + math.ceil(batch_size / num_envs)
 
 
 class ActorPool:
-    """N actor processes, K envs each, writing [T+1]-step slots that the learner takes B at a time."""
+    """N actor processes, K envs each, writing [T+1]-step slots that the learner takes B at a time.
+
+    An actor that dies is restarted and its half-written slots recycled; one that dies
+    `max_actor_failures` times in a row without finishing an unroll stops the run (ActorFailed).
+    """
 
     def __init__(
         self,
@@ -40,84 +53,120 @@ class ActorPool:
         envs_per_actor: int,
         unroll_length: int,
         batch_size: int,
-        num_slots: int | None,
         seed: int,
         start_method: str,
+        slots_per_env: int | None = None,
+        actor_threads: int = 1,
+        max_actor_failures: int = 3,
     ) -> None:
         self.batch_size = batch_size
         self.unroll_length = unroll_length
-        # Enough slots that every actor can hold K while the learner holds B: no deadlock
-        # (ImpalaDataModule refuses fewer than num_actors * envs_per_actor + batch_size).
-        self.num_slots = num_slots or 2 * num_actors * envs_per_actor + batch_size
+        self.max_actor_failures = max_actor_failures
+        slots_per_env = slots_per_env or slots_per_env_for(num_actors * envs_per_actor, batch_size)
+        self.board = SlotBoard(num_actors, slots_per_env * envs_per_actor)
         core_state_size = policy.initial_state(1)[0].shape[-1]
         spec = rollout_spec(obs_shape, obs_dtype, num_actions, unroll_length, core_state_size)
-        self.buffers = create_buffers(spec, self.num_slots)
+        self.buffers = create_buffers(spec, self.board.num_slots)
+        self.counters = ActorCounters.create(num_actors)
 
-        context = mp.get_context(start_method)
-        self.weights = SharedWeights(policy.state_dict(), context)
-        self.free_slots = context.Queue()
-        self.full_slots = context.Queue()
-        self.errors = context.Queue()
-        for slot in range(self.num_slots):
-            self.free_slots.put(slot)
-
+        self.context = mp.get_context(start_method)
+        self.weights = SharedWeights(policy.state_dict(), self.context)
+        self.errors = self.context.Queue()
         policy_file = io.BytesIO()
         torch.jit.save(policy, policy_file)
-        self.processes = []
+        self.specs = [
+            ActorSpec(
+                index=index, env=env, num_envs=envs_per_actor, seed=seed + 10_000 * index,
+                unroll_length=unroll_length, policy_bytes=policy_file.getvalue(),
+                parent_pid=os.getpid(), torch_threads=actor_threads,
+            )
+            for index in range(num_actors)
+        ]
+        self.restarts = 0
+        self.failures = [0] * num_actors
+        self.unrolls_at_start = [0] * num_actors
+        self.last_errors: dict[int, str] = {}
+        self.processes: list = [None] * num_actors
         self.closed = False
         for index in range(num_actors):
-            actor_spec = ActorSpec(
-                index=index,
-                env=env,
-                num_envs=envs_per_actor,
-                seed=seed + 10_000 * index,
-                unroll_length=unroll_length,
-                policy_bytes=policy_file.getvalue(),
-                parent_pid=os.getpid(),
-            )
-            process = context.Process(
-                target=act,
-                args=(actor_spec, self.buffers, self.weights, self.free_slots, self.full_slots, self.errors),
-                name=f"kart-actor-{index}",
-                daemon=True,
-            )
-            process.start()
-            self.processes.append(process)
+            self._start(index)
+        self.next_health_check = time.monotonic() + HEALTH_CHECK_S
         atexit.register(self.close)
+
+    def _start(self, index: int) -> None:
+        process = self.context.Process(
+            target=act,
+            args=(self.specs[index], self.buffers, self.weights, self.board, self.counters, self.errors),
+            name=f"kart-actor-{index}",
+            daemon=True,
+        )
+        process.start()
+        self.processes[index] = process
+        self.unrolls_at_start[index] = int(self.counters.unrolls[index])
 
     def publish(self, state: dict[str, torch.Tensor], version: int) -> None:
         """Make new policy weights available to the actors."""
         self.weights.publish(state, version)
 
     def take_batch_slots(self, timeout_s: float) -> list[int]:
-        """Block until B full slots are ready; raise if an actor died or nothing came in time."""
-        slots: list[int] = []
+        """Block until B full slots are ready (oldest first), restarting actors that died."""
         deadline = time.monotonic() + timeout_s
-        while len(slots) < self.batch_size:
-            try:
-                slots.append(self.full_slots.get(timeout=1.0))
-            except queue.Empty:
-                self._raise_if_an_actor_failed()
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"no rollout arrived from the actors in {timeout_s:.0f} s; "
-                        "raise data.rollout_timeout_s if the environment is very slow."
-                    ) from None
-        return slots
+        while True:
+            if time.monotonic() > self.next_health_check:
+                self.restart_dead_actors()
+                self.next_health_check = time.monotonic() + HEALTH_CHECK_S
+            slots = self.board.take_oldest_full(self.batch_size)
+            if slots is not None:
+                return slots
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"no batch arrived from the actors in {timeout_s:.0f} s; "
+                    "raise data.rollout_timeout_s if the environment is very slow."
+                )
+            time.sleep(LEARNER_POLL_S)
 
     def release(self, slots: list[int]) -> None:
-        for slot in slots:
-            self.free_slots.put(slot)
+        self.board.release(slots)
 
-    def _raise_if_an_actor_failed(self) -> None:
-        try:
-            index, trace = self.errors.get_nowait()
-        except queue.Empty:
-            dead = [p.name for p in self.processes if not p.is_alive()]
-            if dead:
-                raise ActorFailed(f"actor processes died without a report: {', '.join(dead)}") from None
-            return
-        raise ActorFailed(f"actor {index} failed:\n{trace}")
+    def restart_dead_actors(self) -> None:
+        """Restart every actor process that has exited, recycling its half-written slots."""
+        self._collect_errors()
+        for index, process in enumerate(self.processes):
+            if process.is_alive():
+                continue
+            process.join()
+            finished_unrolls = int(self.counters.unrolls[index]) > self.unrolls_at_start[index]
+            self.failures[index] = 0 if finished_unrolls else self.failures[index] + 1
+            if self.failures[index] >= self.max_actor_failures:
+                raise ActorFailed(
+                    f"actor {index} died {self.failures[index]} times in a row before finishing an "
+                    f"unroll (exit code {process.exitcode}); last error:\n"
+                    f"{self.last_errors.get(index, 'none reported (killed by a signal?)')}"
+                )
+            recycled = self.board.recycle(index)
+            self.restarts += 1
+            log.warning(
+                "actor %d exited with code %s; restarting it (%d restarts so far, %d slots recycled)",
+                index, process.exitcode, self.restarts, recycled,
+            )
+            self._start(index)
+
+    def _collect_errors(self) -> None:
+        while True:
+            try:
+                index, trace = self.errors.get_nowait()
+            except queue.Empty:
+                return
+            self.last_errors[index] = trace
+
+    def stats(self) -> dict[str, float]:
+        """Numbers worth logging: slots by state, actor restarts, env rebuilds."""
+        return {
+            "pool/full_slots": float(self.board.count(FULL)),
+            "pool/filling_slots": float(self.board.count(FILLING)),
+            "pool/actor_restarts": float(self.restarts),
+            "pool/env_rebuilds": float(self.counters.env_rebuilds.sum()),
+        }
 
     def close(self) -> None:
         """Stop every actor process; safe to call more than once."""
@@ -133,8 +182,6 @@ class ActorPool:
             if process.is_alive():
                 process.kill()
                 process.join()
-        self.processes = []
-        for q in (self.free_slots, self.full_slots, self.errors):
-            q.cancel_join_thread()
-            q.close()
+        self.errors.cancel_join_thread()
+        self.errors.close()
         atexit.unregister(self.close)

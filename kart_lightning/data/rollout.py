@@ -58,15 +58,30 @@ def create_buffers(spec: Spec, num_slots: int) -> dict[str, torch.Tensor]:
     }
 
 
-def stack_slots(buffers: Mapping[str, torch.Tensor], slots: list[int]) -> dict[str, torch.Tensor]:
+def stack_slots(
+    buffers: Mapping[str, torch.Tensor], slots: list[int], out: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """Copy B slots, once, into a time-major batch: [T+1, B, ...] per field ([B, ...] per slot field).
 
-    The core state comes out as [1, B, H], the layout the policy's core takes.
+    The core state comes out as [1, B, H], the layout the policy's core takes. With `out` (for
+    example pinned host memory for a fast copy to the GPU) the batch is written there.
     """
     batch = {}
     for name, buffer in buffers.items():
         # Per-slot scalars stack to [B]; everything else gains B as its second axis.
-        batch[name] = torch.stack([buffer[slot] for slot in slots], dim=0 if buffer.dim() == 1 else 1)
+        dim = 0 if buffer.dim() == 1 else 1
+        parts = [buffer[slot] for slot in slots]
+        batch[name] = torch.stack(parts, dim=dim, out=out[name]) if out else torch.stack(parts, dim=dim)
+    return batch
+
+
+def empty_batch(buffers: Mapping[str, torch.Tensor], batch_size: int, pin_memory: bool) -> dict[str, torch.Tensor]:
+    """Storage for one batch of `batch_size` slots, laid out as `stack_slots` writes it."""
+    batch = {}
+    for name, buffer in buffers.items():
+        shape = list(buffer.shape[1:])
+        shape.insert(0 if buffer.dim() == 1 else 1, batch_size)
+        batch[name] = torch.empty(shape, dtype=buffer.dtype, pin_memory=pin_memory)
     return batch
 
 
