@@ -12,6 +12,7 @@ from gymnasium.envs.classic_control import CartPoleEnv
 from lightning.pytorch import Trainer
 
 from kart_lightning.data import ActorFailed, ActorPool, ImpalaDataModule, TrajectoryDataset
+from kart_lightning.data.inference import InferenceServer, RemoteInference
 from kart_lightning.data.rollout import SharedWeights, create_buffers, empty_batch, rollout_spec, stack_slots
 from kart_lightning.data.slots import FREE, SlotBoard
 from kart_lightning.envs import EnvConfig
@@ -22,12 +23,15 @@ CARTPOLE = EnvConfig(id="CartPole-v1")
 
 
 def make_pool(policy, num_actors=1, envs_per_actor=1, unroll_length=5, batch_size=1, env=CARTPOLE,
-              start_method="spawn"):
+              start_method="spawn", inference="actor"):
     return ActorPool(
         policy=policy, env=env, obs_shape=[4], obs_dtype=torch.float32, num_actions=2,
         num_actors=num_actors, envs_per_actor=envs_per_actor, unroll_length=unroll_length,
-        batch_size=batch_size, seed=0, start_method=start_method,
+        batch_size=batch_size, seed=0, start_method=start_method, inference=inference,
     )
+
+
+INFERENCE_MODES = pytest.mark.parametrize("inference", ["actor", "learner"])
 
 
 def actor_processes():
@@ -70,8 +74,9 @@ def test_shared_weights_reach_a_module_and_carry_their_version(policy):
         assert torch.equal(tensor, policy.state_dict()[name])
 
 
-def test_behaviour_logits_are_what_the_policy_gives_on_the_stored_trajectory(policy):
-    pool = make_pool(policy, num_actors=2, envs_per_actor=2, unroll_length=6, batch_size=3)
+@INFERENCE_MODES
+def test_behaviour_logits_are_what_the_policy_gives_on_the_stored_trajectory(policy, inference):
+    pool = make_pool(policy, num_actors=2, envs_per_actor=2, unroll_length=6, batch_size=3, inference=inference)
     try:
         slots = pool.take_batch_slots(timeout_s=120)
         batch = stack_slots(pool.buffers, slots)
@@ -85,8 +90,9 @@ def test_behaviour_logits_are_what_the_policy_gives_on_the_stored_trajectory(pol
     assert bool((batch["prev_action"][1:] == batch["action"][:-1]).all())
 
 
-def test_consecutive_unrolls_of_an_env_overlap_by_one_step(policy):
-    pool = make_pool(policy, unroll_length=4, batch_size=1)
+@INFERENCE_MODES
+def test_consecutive_unrolls_of_an_env_overlap_by_one_step(policy, inference):
+    pool = make_pool(policy, unroll_length=4, batch_size=1, inference=inference)
     try:
         dataset = iter(TrajectoryDataset(pool, lambda: None, env_frames_per_step=1, timeout_s=120))
         first, second = next(dataset), next(dataset)
@@ -159,8 +165,9 @@ def test_slot_board_gives_the_learner_the_oldest_full_slots_and_recycles_a_dead_
     assert board.count(FREE) == 4
 
 
-def test_a_killed_actor_is_replaced_and_batches_keep_coming(policy):
-    pool = make_pool(policy, num_actors=2, unroll_length=4, batch_size=2)
+@INFERENCE_MODES
+def test_a_killed_actor_is_replaced_and_batches_keep_coming(policy, inference):
+    pool = make_pool(policy, num_actors=2, unroll_length=4, batch_size=2, inference=inference)
     try:
         pool.release(pool.take_batch_slots(timeout_s=120))
         victim = pool.processes[0]
@@ -212,3 +219,27 @@ def test_stacking_into_preallocated_storage_gives_the_same_batch():
     for name, tensor in stack_slots(buffers, [2, 0]).items():
         assert torch.equal(written[name], tensor)
         assert written[name].data_ptr() == out[name].data_ptr()
+
+
+def test_dynamic_batching_returns_each_actor_its_own_action(policy):
+    context = torch.multiprocessing.get_context("spawn")
+    server = InferenceServer(policy, torch.device("cpu"), num_actors=2, envs_per_actor=3, obs_shape=[4],
+                             obs_dtype=torch.float32, num_actions=2, max_batch_envs=None, batch_timeout_s=0.05)
+    ends = [server.connect(actor, context) for actor in range(2)]
+    clients = [RemoteInference(end, server.requests, server.responses, os.getppid()) for end in ends]
+    obs = torch.randn(2, 3, 4)
+    for actor, client in enumerate(clients):
+        rows = slice(3 * actor, 3 * actor + 3)
+        client.submit(0, rows, obs[actor], torch.zeros(3, dtype=torch.int64), torch.zeros(3),
+                      torch.ones(3, dtype=torch.bool))
+    server.start()
+    try:
+        answers = [client.result(0) for client in clients]
+    finally:
+        server.stop()
+    assert server.batches == 1 and server.mean_batch_envs() == 6.0, "both requests went in one batch"
+    for actor, (action, logits, _, _) in enumerate(answers):
+        expected, _, _ = policy(obs[actor][None], torch.zeros(1, 3, dtype=torch.int64), torch.zeros(1, 3),
+                                torch.ones(1, 3, dtype=torch.bool), policy.initial_state(3))
+        torch.testing.assert_close(logits, expected[0])
+        assert action.shape == (3,)

@@ -1,15 +1,16 @@
-"""The actor process: steps its environments with a CPU copy of the scripted policy and fills
-its own rollout slots in shared memory; the slot board says which slots are ready."""
+"""The actor process: steps its environments, gets actions from the policy (its own CPU copy or
+the learner's inference server) and fills its own rollout slots in shared memory."""
 
 import contextlib
-import io
 import sys
 import traceback
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
 import numpy as np
 import torch
 
+from kart_lightning.data.inference import LocalInference, RemoteInference
 from kart_lightning.data.rollout import SharedWeights
 from kart_lightning.data.slots import ParentGone, SlotBoard
 from kart_lightning.envs import EnvConfig, make_env
@@ -24,9 +25,10 @@ class ActorSpec:
     num_envs: int
     seed: int
     unroll_length: int
-    policy_bytes: bytes
     parent_pid: int
     torch_threads: int
+    # Actor inference: the scripted policy (torch.jit.save bytes). Learner inference: None.
+    policy_bytes: bytes | None
 
 
 @dataclass
@@ -41,10 +43,20 @@ class ActorCounters:
         return cls(*(torch.zeros(num_actors, dtype=torch.int64).share_memory_() for _ in range(2)))
 
 
+@dataclass
+class LearnerLink:
+    """The actor's end of learner inference: its pipe and the server's request/response rows."""
+
+    connection: Connection
+    requests: dict[str, torch.Tensor]
+    responses: dict[str, torch.Tensor]
+
+
 def act(
     spec: ActorSpec,
     buffers: dict[str, torch.Tensor],
-    weights: SharedWeights,
+    weights: SharedWeights | None,
+    link: LearnerLink | None,
     board: SlotBoard,
     counters: ActorCounters,
     errors,
@@ -52,7 +64,14 @@ def act(
     """Entry point of an actor process: run until the parent goes away or the process is stopped."""
     torch.set_num_threads(spec.torch_threads)
     try:
-        _run(spec, buffers, weights, board, counters)
+        if link is None:
+            inference = LocalInference(spec.policy_bytes, weights, spec.num_envs)
+            num_groups = 1
+        else:
+            inference = RemoteInference(link.connection, link.requests, link.responses, spec.parent_pid)
+            # Two halves: one steps its envs while the server computes the other's actions.
+            num_groups = min(2, spec.num_envs)
+        _run(spec, buffers, inference, num_groups, board, counters)
     except (KeyboardInterrupt, ParentGone):
         pass
     except Exception:
@@ -60,64 +79,127 @@ def act(
         raise
 
 
-def _run(spec: ActorSpec, buffers, weights: SharedWeights, board: SlotBoard, counters: ActorCounters) -> None:
-    policy = torch.jit.load(io.BytesIO(spec.policy_bytes), map_location="cpu")
-    policy.eval()
-    policy_state = policy.state_dict(keep_vars=True)
-    version = weights.copy_into(policy_state)
-
+def _run(spec: ActorSpec, buffers, inference, num_groups: int, board: SlotBoard, counters: ActorCounters) -> None:
     envs = [make_env(spec.env, seed=spec.seed + k) for k in range(spec.num_envs)]
     rebuild = EnvRebuilder(spec, envs, counters)
-    K = spec.num_envs
-    obs = torch.from_numpy(np.stack([env.reset(seed=spec.seed + k)[0] for k, env in enumerate(envs)]))
-    reward = torch.zeros(K)
-    done = torch.ones(K, dtype=torch.bool)
-    truncation_value = torch.zeros(K)
-    prev_action = torch.zeros(K, dtype=torch.int64)
-    episode_return = torch.full((K,), float("nan"))
-    episode_length = torch.full((K,), float("nan"))
-    core_state = policy.initial_state(K)
-
+    bounds = np.linspace(0, spec.num_envs, num_groups + 1).astype(int)
+    groups = [
+        EnvGroup(g, slice(int(bounds[g]), int(bounds[g + 1])), spec, envs, rebuild)
+        for g in range(num_groups)
+    ]
+    # Learner inference addresses the server's rows: this actor's envs start at index * K.
+    row_offset = 0 if isinstance(inference, LocalInference) else spec.index * spec.num_envs
     with torch.no_grad():
-        state_before = core_state
-        action, logits, _, core_state = policy.act(obs, prev_action, reward, done, core_state, False)
-
+        for group in groups:
+            inference.submit(group.index, group.rows(row_offset), *group.inputs())
         while True:
-            slots = board.acquire(spec.index, K, spec.parent_pid)
-            if weights.version.value != version:
-                version = weights.copy_into(policy_state)
-            buffers["core_h"][slots] = state_before[0].transpose(0, 1)
-            buffers["core_c"][slots] = state_before[1].transpose(0, 1)
-            buffers["policy_version"][slots] = version
-
-            for t in range(spec.unroll_length + 1):
-                if t > 0:
-                    prev_action = action
-                    obs, reward, done, truncation_value, episode_return, episode_length = _step(
-                        envs, action, policy, core_state, rebuild
-                    )
-                    state_before = core_state
-                    action, logits, _, core_state = policy.act(
-                        obs, prev_action, reward, done, core_state, False
-                    )
-                _write_row(buffers, slots, t, {
-                    "obs": obs,
-                    "reward": reward,
-                    "done": done,
-                    "truncation_value": truncation_value,
-                    "prev_action": prev_action,
-                    "episode_return": episode_return,
-                    "episode_length": episode_length,
-                    "action": action,
-                    "behaviour_logits": logits,
-                })
-            board.mark_full(slots)
-            counters.unrolls[spec.index] += 1
+            for group in groups:
+                action, logits, state_before, version = inference.result(group.index)
+                if group.record(buffers, action, logits, state_before, version, board, spec):
+                    counters.unrolls[spec.index] += 1
+                    inference.refresh()
+                group.step(action, inference, row_offset)
+                inference.submit(group.index, group.rows(row_offset), *group.inputs())
 
 
-def _write_row(buffers, slots: torch.Tensor, t: int, row: dict[str, torch.Tensor]) -> None:
-    for name, value in row.items():
-        buffers[name][slots, t] = value
+class EnvGroup:
+    """Envs of one actor stepped together, each filling one slot per unroll.
+
+    It holds the arrival fields of its envs' current step ([n] each) and its row t in the slots.
+    """
+
+    def __init__(self, index: int, envs: slice, spec: ActorSpec, all_envs: list, rebuild) -> None:
+        self.index, self.envs, self.all_envs, self.rebuild = index, envs, all_envs, rebuild
+        n = envs.stop - envs.start
+        self.obs = torch.from_numpy(
+            np.stack([all_envs[k].reset(seed=spec.seed + k)[0] for k in range(envs.start, envs.stop)])
+        )
+        self.reward = torch.zeros(n)
+        self.done = torch.ones(n, dtype=torch.bool)
+        self.truncation_value = torch.zeros(n)
+        self.prev_action = torch.zeros(n, dtype=torch.int64)
+        self.episode_return = torch.full((n,), float("nan"))
+        self.episode_length = torch.full((n,), float("nan"))
+        self.slots: torch.Tensor | None = None
+        self.t = 0
+
+    def rows(self, offset: int) -> slice:
+        return slice(offset + self.envs.start, offset + self.envs.stop)
+
+    def inputs(self) -> tuple:
+        return self.obs, self.prev_action, self.reward, self.done
+
+    def record(self, buffers, action, logits, state_before, version: int, board: SlotBoard, spec) -> bool:
+        """Write row t; after row T, hand the slots over and start the next unroll with the same
+        step as its row 0. Returns whether an unroll was completed."""
+        completed = False
+        if self.slots is None:
+            self._begin(buffers, state_before, version, board, spec)
+        self._write_row(buffers, action, logits)
+        if self.t == spec.unroll_length:
+            board.mark_full(self.slots)
+            completed = True
+            self._begin(buffers, state_before, version, board, spec)
+            self._write_row(buffers, action, logits)
+        self.t += 1
+        return completed
+
+    def _begin(self, buffers, state_before, version: int, board: SlotBoard, spec) -> None:
+        self.slots = board.acquire(spec.index, self.envs.stop - self.envs.start, spec.parent_pid)
+        buffers["core_h"][self.slots] = state_before[0].transpose(0, 1)
+        buffers["core_c"][self.slots] = state_before[1].transpose(0, 1)
+        buffers["policy_version"][self.slots] = version
+        self.t = 0
+
+    def _write_row(self, buffers, action, logits) -> None:
+        row = {
+            "obs": self.obs, "reward": self.reward, "done": self.done,
+            "truncation_value": self.truncation_value, "prev_action": self.prev_action,
+            "episode_return": self.episode_return, "episode_length": self.episode_length,
+            "action": action, "behaviour_logits": logits,
+        }
+        for name, value in row.items():
+            buffers[name][self.slots, self.t] = value
+
+    def step(self, action: torch.Tensor, inference, row_offset: int) -> None:
+        """Step each env once with `action` [n]; reset those whose episode ended."""
+        n = len(action)
+        observations, rewards = [], torch.zeros(n)
+        done = torch.zeros(n, dtype=torch.bool)
+        self.truncation_value = torch.zeros(n)
+        self.episode_return = torch.full((n,), float("nan"))
+        self.episode_length = torch.full((n,), float("nan"))
+        truncated_obs, truncated = [], []
+        for i, k in enumerate(range(self.envs.start, self.envs.stop)):
+            try:
+                observation, reward, terminated, truncated_now, info = self.all_envs[k].step(int(action[i]))
+                if terminated or truncated_now:
+                    last_observation = observation
+                    observation, _ = self.all_envs[k].reset()
+            except Exception as error:  # noqa: BLE001 - any env failure: rebuild it, start a new episode
+                observations.append(self.rebuild(k, error))
+                done[i] = True
+                continue
+            rewards[i] = float(reward)
+            if "episode" in info:
+                self.episode_return[i] = float(info["episode"]["r"])
+                self.episode_length[i] = float(info["episode"]["l"])
+            if terminated or truncated_now:
+                done[i] = True
+                if truncated_now and not terminated:
+                    truncated_obs.append(last_observation)
+                    truncated.append(i)
+            observations.append(observation)
+        if truncated:
+            index = torch.tensor(truncated)
+            self.truncation_value[index] = inference.values(
+                self.index, index + row_offset + self.envs.start,
+                torch.from_numpy(np.stack(truncated_obs)), action[index], rewards[index],
+            )
+        self.obs = torch.from_numpy(np.stack(observations))
+        self.prev_action = action
+        self.reward = rewards
+        self.done = done
 
 
 class EnvRebuilder:
@@ -142,45 +224,3 @@ class EnvRebuilder:
         observation, _ = self.envs[k].reset()
         return observation
 
-
-def _step(envs: list, action: torch.Tensor, policy, core_state, rebuild: EnvRebuilder):
-    """Step every env once; reset the ones whose episode ended. Returns the arrival fields, [K] each."""
-    K = len(envs)
-    observations, rewards = [], torch.zeros(K)
-    done = torch.zeros(K, dtype=torch.bool)
-    truncation_value = torch.zeros(K)
-    episode_return = torch.full((K,), float("nan"))
-    episode_length = torch.full((K,), float("nan"))
-    truncated_obs, truncated_index = [], []
-    for k, env in enumerate(envs):
-        try:
-            observation, reward, terminated, truncated, info = env.step(int(action[k]))
-            if terminated or truncated:
-                last_observation = observation
-                observation, _ = env.reset()
-        except Exception as error:  # noqa: BLE001 - any env failure: rebuild it and start a new episode
-            observations.append(rebuild(k, error))
-            done[k] = True
-            continue
-        rewards[k] = float(reward)
-        if "episode" in info:
-            episode_return[k] = float(info["episode"]["r"])
-            episode_length[k] = float(info["episode"]["l"])
-        if terminated or truncated:
-            done[k] = True
-            if truncated and not terminated:
-                truncated_obs.append(last_observation)
-                truncated_index.append(k)
-        observations.append(observation)
-    if truncated_index:
-        index = torch.tensor(truncated_index)
-        state = (core_state[0][:, index], core_state[1][:, index])
-        _, _, value, _ = policy.act(
-            torch.from_numpy(np.stack(truncated_obs)), action[index], rewards[index],
-            torch.zeros(len(index), dtype=torch.bool), state, False,
-        )
-        truncation_value[index] = value
-    return (
-        torch.from_numpy(np.stack(observations)), rewards, done, truncation_value,
-        episode_return, episode_length,
-    )

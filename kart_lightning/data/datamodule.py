@@ -33,6 +33,9 @@ class ImpalaDataModule(LightningDataModule):
         slots_per_env: int | None = None,
         seed: int = 0,
         start_method: Literal["spawn", "forkserver", "fork"] = "spawn",
+        inference: Literal["auto", "actor", "learner"] = "auto",
+        inference_batch_envs: int | None = None,
+        inference_timeout_s: float = 0.001,
         actor_threads: int = 1,
         learner_threads: int | None = None,
         max_actor_failures: int = 3,
@@ -53,6 +56,13 @@ class ImpalaDataModule(LightningDataModule):
                 the fewest that can never deadlock, plus one so actors keep acting.
             seed: Base seed; env k of actor i is seeded seed + 10000 * i + k.
             start_method: How actor processes start; spawn is safe with threads and CUDA.
+            inference: Where actions are computed. actor: each actor runs a CPU copy of the policy,
+                refreshed after learner updates; learner: a thread in the learner batches the
+                requests of all actors on the learner's device (GA3C). auto: learner when the
+                learner has a GPU, else actor (on a CPU-only machine batching across processes
+                only adds round trips to work that costs the same on every core).
+            inference_batch_envs: Learner inference: most env rows in one batch; default all envs.
+            inference_timeout_s: Learner inference: how long a batch waits for more requests.
             actor_threads: Torch threads per actor process (1: actors are many, their batches small).
             learner_threads: Torch threads of the learner; default the cores the actors leave
                 (at least 1).
@@ -106,6 +116,10 @@ class ImpalaDataModule(LightningDataModule):
                 slots_per_env=hp.slots_per_env,
                 actor_threads=hp.actor_threads,
                 max_actor_failures=hp.max_actor_failures,
+                inference=self.inference_mode(),
+                device=self.trainer.strategy.root_device,
+                inference_batch_envs=hp.inference_batch_envs,
+                inference_timeout_s=hp.inference_timeout_s,
             )
             # The learner gets the cores the actors leave.
             cores = os.cpu_count() or 1
@@ -113,9 +127,15 @@ class ImpalaDataModule(LightningDataModule):
                 hp.learner_threads or max(1, cores - hp.num_actors * hp.actor_threads)
             )
 
+    def inference_mode(self) -> str:
+        """`actor` or `learner`, resolving `auto` by the learner's device."""
+        if self.hparams.inference != "auto":
+            return self.hparams.inference
+        return "learner" if self.trainer.strategy.root_device.type == "cuda" else "actor"
+
     def _publish_weights(self) -> None:
         module = self.trainer.lightning_module
-        if self.pool.weights.version.value != module.global_step:
+        if self.pool.version != module.global_step:
             self.pool.publish(module.policy.state_dict(), module.global_step)
 
     def train_dataloader(self) -> DataLoader:

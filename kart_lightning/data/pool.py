@@ -12,7 +12,8 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from kart_lightning.data.actor import ActorCounters, ActorSpec, act
+from kart_lightning.data.actor import ActorCounters, ActorSpec, LearnerLink, act
+from kart_lightning.data.inference import InferenceServer
 from kart_lightning.data.rollout import SharedWeights, create_buffers, rollout_spec
 from kart_lightning.data.slots import FILLING, FULL, SlotBoard
 from kart_lightning.envs import EnvConfig
@@ -58,6 +59,10 @@ class ActorPool:
         slots_per_env: int | None = None,
         actor_threads: int = 1,
         max_actor_failures: int = 3,
+        inference: str = "actor",
+        device: torch.device | None = None,
+        inference_batch_envs: int | None = None,
+        inference_timeout_s: float = 0.001,
     ) -> None:
         self.batch_size = batch_size
         self.unroll_length = unroll_length
@@ -70,15 +75,25 @@ class ActorPool:
         self.counters = ActorCounters.create(num_actors)
 
         self.context = mp.get_context(start_method)
-        self.weights = SharedWeights(policy.state_dict(), self.context)
         self.errors = self.context.Queue()
-        policy_file = io.BytesIO()
-        torch.jit.save(policy, policy_file)
+        self.weights: SharedWeights | None = None
+        self.server: InferenceServer | None = None
+        policy_bytes = None
+        if inference == "learner":
+            self.server = InferenceServer(
+                policy, device or torch.device("cpu"), num_actors, envs_per_actor, obs_shape, obs_dtype,
+                num_actions, inference_batch_envs, inference_timeout_s,
+            )
+        else:
+            self.weights = SharedWeights(policy.state_dict(), self.context)
+            policy_file = io.BytesIO()
+            torch.jit.save(policy, policy_file)
+            policy_bytes = policy_file.getvalue()
         self.specs = [
             ActorSpec(
                 index=index, env=env, num_envs=envs_per_actor, seed=seed + 10_000 * index,
-                unroll_length=unroll_length, policy_bytes=policy_file.getvalue(),
-                parent_pid=os.getpid(), torch_threads=actor_threads,
+                unroll_length=unroll_length, parent_pid=os.getpid(), torch_threads=actor_threads,
+                policy_bytes=policy_bytes,
             )
             for index in range(num_actors)
         ]
@@ -90,23 +105,40 @@ class ActorPool:
         self.closed = False
         for index in range(num_actors):
             self._start(index)
+        if self.server is not None:
+            self.server.start()
         self.next_health_check = time.monotonic() + HEALTH_CHECK_S
         atexit.register(self.close)
 
     def _start(self, index: int) -> None:
+        link = None
+        if self.server is not None:
+            link = LearnerLink(
+                self.server.connect(index, self.context), self.server.requests, self.server.responses
+            )
         process = self.context.Process(
             target=act,
-            args=(self.specs[index], self.buffers, self.weights, self.board, self.counters, self.errors),
+            args=(self.specs[index], self.buffers, self.weights, link, self.board, self.counters, self.errors),
             name=f"kart-actor-{index}",
             daemon=True,
         )
         process.start()
+        if link is not None:
+            link.connection.close()  # the child holds its own copy of this end
         self.processes[index] = process
         self.unrolls_at_start[index] = int(self.counters.unrolls[index])
 
     def publish(self, state: dict[str, torch.Tensor], version: int) -> None:
-        """Make new policy weights available to the actors."""
-        self.weights.publish(state, version)
+        """Make new policy weights available to the actors (or to the inference server)."""
+        if self.server is not None:
+            self.server.publish(state, version)
+        else:
+            self.weights.publish(state, version)
+
+    @property
+    def version(self) -> int:
+        """Version of the newest published weights."""
+        return self.server.version if self.server is not None else self.weights.version.value
 
     def take_batch_slots(self, timeout_s: float) -> list[int]:
         """Block until B full slots are ready (oldest first), restarting actors that died."""
@@ -130,6 +162,8 @@ class ActorPool:
 
     def restart_dead_actors(self) -> None:
         """Restart every actor process that has exited, recycling its half-written slots."""
+        if self.server is not None and self.server.error is not None:
+            raise RuntimeError("the inference server thread failed") from self.server.error
         self._collect_errors()
         for index, process in enumerate(self.processes):
             if process.is_alive():
@@ -161,12 +195,15 @@ class ActorPool:
 
     def stats(self) -> dict[str, float]:
         """Numbers worth logging: slots by state, actor restarts, env rebuilds."""
-        return {
+        stats = {
             "pool/full_slots": float(self.board.count(FULL)),
             "pool/filling_slots": float(self.board.count(FILLING)),
             "pool/actor_restarts": float(self.restarts),
             "pool/env_rebuilds": float(self.counters.env_rebuilds.sum()),
         }
+        if self.server is not None:
+            stats["inference/batch_envs"] = self.server.mean_batch_envs()
+        return stats
 
     def close(self) -> None:
         """Stop every actor process; safe to call more than once."""
@@ -182,6 +219,8 @@ class ActorPool:
             if process.is_alive():
                 process.kill()
                 process.join()
+        if self.server is not None:
+            self.server.stop()
         self.errors.cancel_join_thread()
         self.errors.close()
         atexit.unregister(self.close)
