@@ -23,6 +23,8 @@ from gymnasium.wrappers import (
     TimeLimit,
 )
 
+# Importing the package registers the Super Mario Kart integration, so its id is known here.
+from kart_lightning.envs import mario_kart
 from kart_lightning.envs.wrappers import ChannelsFirst, EpisodicLife, NoopReset, ResizeFrame
 from kart_lightning.errors import ConfigError
 
@@ -135,6 +137,8 @@ def _make_atari(config: EnvConfig) -> gymnasium.Env:
 
 
 def _make_retro(config: EnvConfig) -> gymnasium.Env:
+    if config.id == mario_kart.GAME:
+        _prepare_mario_kart(config)
     try:
         stable_retro.data.get_romfile_path(config.id, _RETRO_INTEGRATIONS)
     except FileNotFoundError:
@@ -151,6 +155,19 @@ def _make_retro(config: EnvConfig) -> gymnasium.Env:
     )
     env = _skip_frames_and_limit_steps(env, config)
     return _stack_frames(env, config)
+
+
+def _prepare_mario_kart(config: EnvConfig) -> None:
+    """The user's ROM must be imported (one sentence naming the command if not), and the track
+    state is made from it on first use."""
+    # Imported here: the state maker pulls in Pillow and the menu tables, which other games never need.
+    from kart_lightning.envs.mario_kart.import_rom import require_rom
+    from kart_lightning.envs.mario_kart.states import make_states
+
+    require_rom()
+    state = config.retro_state or mario_kart.DEFAULT_STATE
+    if not os.path.isfile(state):
+        make_states([state.removesuffix(".state")])
 
 
 def _retro_state(config: EnvConfig) -> object:

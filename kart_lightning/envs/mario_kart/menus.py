@@ -1,0 +1,52 @@
+"""Scripted controller inputs that drive Super Mario Kart's menus from power-on to a Time Trial.
+
+Source: found by playing the USA ROM in stable-retro 1.0.1 from power-on (see NOTES.md); the
+emulation is deterministic, so fixed frame counts replay exactly.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MenuStep:
+    """Hold `buttons` for `hold_frames`, then release all buttons for `wait_frames`."""
+
+    buttons: tuple[str, ...]
+    hold_frames: int
+    wait_frames: int
+    why: str
+
+
+def _tap(button: str, wait_frames: int, why: str) -> MenuStep:
+    # Two frames held: one is enough for the game's edge detection; two survives a lag frame.
+    return MenuStep((button,), 2, wait_frames, why)
+
+
+POWER_ON_TO_COURSE_SELECT: tuple[MenuStep, ...] = (
+    MenuStep((), 0, 400, "Nintendo logo and intro; the title screen accepts START after it"),
+    _tap("START", 60, "title screen -> '1P GAME / 2P GAME'"),
+    _tap("B", 60, "1P GAME -> 'MARIOKART GP / TIME TRIAL'"),
+    _tap("DOWN", 20, "cursor to TIME TRIAL"),
+    _tap("B", 60, "TIME TRIAL -> 'IS THIS OK?' with the cursor on YES"),
+    _tap("B", 150, "YES -> driver select, cursor on Mario; the screen fades in"),
+    _tap("B", 60, "Mario -> '1P OK?'"),
+    _tap("B", 250, "OK -> course select; it ignores input until fully faded in"),
+)
+"""Power-on to the Time Trial course select, cursor on the Mushroom Cup's first course."""
+
+
+def course_select_steps(cup: int, course: int) -> tuple[MenuStep, ...]:
+    """From the course select to the race loading: cup 0-2 (Mushroom, Flower, Star), course 0-4.
+
+    The cursor starts in the course column; LEFT moves it to the cup column, where DOWN picks the
+    cup and B returns to that cup's course column.
+    """
+    return (
+        _tap("LEFT", 40, "course column -> cup column (Mushroom Cup)"),
+        *(_tap("DOWN", 40, "next cup") for _ in range(cup)),
+        _tap("B", 40, "cup chosen -> its course column, cursor on the first course"),
+        *(_tap("DOWN", 40, "next course") for _ in range(course)),
+        _tap("B", 60, "course chosen -> 'IS THIS OK?' with the cursor on YES"),
+        _tap("B", 60, "YES -> the course's best times, 'IS THIS OK?' with the cursor on YES"),
+        _tap("B", 0, "YES -> the race loads; Lakitu's countdown follows"),
+    )

@@ -1,0 +1,196 @@
+"""Makes, checks and caches the Time Trial start states of Super Mario Kart from the user's ROM.
+
+Usage: `python -m kart_lightning.envs.mario_kart.states [--tracks NAME ...] [--force] [--contact-sheet PNG]`.
+"""
+
+import argparse
+import gzip
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import stable_retro
+from PIL import Image, ImageDraw
+
+from kart_lightning.envs.mario_kart.import_rom import require_rom
+from kart_lightning.envs.mario_kart.menus import (
+    POWER_ON_TO_COURSE_SELECT,
+    MenuStep,
+    course_select_steps,
+)
+from kart_lightning.envs.mario_kart.paths import GAME, user_game_dir
+from kart_lightning.envs.mario_kart.tracks import TRACKS, Track, get_track
+from kart_lightning.errors import ConfigError
+
+LAP_ON_GRID = 127
+"""RAM lap value before the start line is first crossed (128 after, see NOTES.md)."""
+
+MAX_COUNTDOWN_FRAMES = 1200
+"""The race loads and Lakitu counts down in ~330 frames; far more means the menu script failed."""
+
+FRAMES_BEFORE_CLOCK = 2
+"""The state is saved this many frames before the race clock starts: loading it costs one frame
+(stable-retro's reset steps once), so the first observation still reads clock 0 and the agent's
+first action is taken as the race starts."""
+
+
+def state_path(name: str) -> Path:
+    """Where the cached state for track `name` lives (it may not exist yet)."""
+    return user_game_dir() / f"{get_track(name).name}.state"
+
+
+def _make_emulator() -> stable_retro.RetroEnv:
+    """A fresh power-on emulator with every button available; only one may exist per process."""
+    require_rom()
+    env = stable_retro.make(
+        GAME,
+        state=stable_retro.State.NONE,
+        inttype=stable_retro.data.Integrations.ALL,
+        use_restricted_actions=stable_retro.Actions.ALL,
+        render_mode=None,
+    )
+    env.reset()
+    return env
+
+
+def _play(env: stable_retro.RetroEnv, steps: Iterable[MenuStep]) -> None:
+    """Press each step's buttons for its hold frames, then nothing for its wait frames."""
+    released = np.zeros(env.num_buttons, np.uint8)
+    for step in steps:
+        pressed = released.copy()
+        pressed[[env.buttons.index(button) for button in step.buttons]] = 1
+        for _ in range(step.hold_frames):
+            env.step(pressed)
+        for _ in range(step.wait_frames):
+            env.step(released)
+
+
+def _ram_info(env: stable_retro.RetroEnv) -> dict[str, Any]:
+    """The data.json variables as the emulator's RAM holds them now."""
+    env.data.update_ram()
+    return env.data.lookup_all()
+
+
+def grid_problems(info: dict[str, Any], track: Track) -> list[str]:
+    """What in `info` (data.json variables) says the kart is not waiting on `track`'s grid."""
+    expected = {
+        "track": track.course_id,
+        "lap": LAP_ON_GRID,
+        "clock_minutes": 0,
+        "clock_seconds": 0,
+        "clock_centiseconds": 0,
+        # The grid is behind the line: the last checkpoint, which wraps to 0 at the line.
+        "checkpoint": info["checkpoint_count"] - 1,
+        "speed": 0,
+    }
+    return [
+        f"{key} is {info[key]}, expected {value}" for key, value in expected.items() if info[key] != value
+    ]
+
+
+def _drive_to_grid(env: stable_retro.RetroEnv, course_select: bytes, track: Track) -> bytes:
+    """The emulator state on `track`'s grid, FRAMES_BEFORE_CLOCK frames before the clock starts."""
+    env.em.set_state(course_select)
+    _play(env, course_select_steps(track.cup, track.course))
+    released = np.zeros(env.num_buttons, np.uint8)
+    recent: list[bytes] = []
+    for _ in range(MAX_COUNTDOWN_FRAMES):
+        recent = [*recent[-FRAMES_BEFORE_CLOCK:], env.em.get_state()]
+        env.step(released)
+        if _ram_info(env)["clock_centiseconds"] != 0 and len(recent) > FRAMES_BEFORE_CLOCK:
+            # recent[-1] is the last frame with the clock at 0; step back from it.
+            return recent[-1 - FRAMES_BEFORE_CLOCK + 1]
+    raise RuntimeError(f"The menu script did not start a race on {track.name}; see menus.py.")
+
+
+def _check_grid_state(env: stable_retro.RetroEnv, state: bytes, track: Track) -> None:
+    """Load `state` as stable-retro's reset would (one released frame) and check the grid RAM."""
+    env.em.set_state(state)
+    env.step(np.zeros(env.num_buttons, np.uint8))
+    problems = grid_problems(_ram_info(env), track)
+    if problems:
+        raise RuntimeError(f"The state made for {track.name} is not on its grid: {'; '.join(problems)}.")
+
+
+def _write_state(path: Path, state: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    with gzip.open(partial, "wb") as file:  # stable-retro reads states gzipped
+        file.write(state)
+    # Atomic, so a concurrent trainer never loads half a state.
+    partial.replace(path)
+
+
+def make_states(names: Sequence[str], force: bool = False) -> dict[str, Path]:
+    """Make (or reuse, unless `force`) the start states of `names`; returns name -> .state path.
+
+    Boots one emulator, so call it before any other stable-retro env exists in this process.
+    """
+    tracks = [get_track(name) for name in names]
+    paths = {track.name: state_path(track.name) for track in tracks}
+    missing = [track for track in tracks if force or not paths[track.name].is_file()]
+    if not missing:
+        return paths
+    env = _make_emulator()
+    try:
+        _play(env, POWER_ON_TO_COURSE_SELECT)
+        course_select = env.em.get_state()
+        for track in missing:
+            state = _drive_to_grid(env, course_select, track)
+            _check_grid_state(env, state, track)
+            _write_state(paths[track.name], state)
+    finally:
+        env.close()
+    return paths
+
+
+def contact_sheet(names: Sequence[str], columns: int = 4) -> Image.Image:
+    """The first frame of each cached state `names`, tiled with its name, for a visual check."""
+    env = _make_emulator()
+    frames = []
+    try:
+        for name in names:
+            with gzip.open(state_path(name), "rb") as file:
+                env.em.set_state(file.read())
+            env.step(np.zeros(env.num_buttons, np.uint8))
+            frames.append(Image.fromarray(env.get_screen()))
+    finally:
+        env.close()
+    width, height = frames[0].size
+    rows = -(-len(frames) // columns)
+    sheet = Image.new("RGB", (columns * width, rows * height))
+    for index, (name, frame) in enumerate(zip(names, frames, strict=True)):
+        draw = ImageDraw.Draw(frame)
+        draw.rectangle((0, 0, 6 * len(name) + 8, 14), fill=(0, 0, 0))
+        draw.text((4, 2), name, fill=(255, 255, 255))
+        sheet.paste(frame, ((index % columns) * width, (index // columns) * height))
+    return sheet
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Make the requested start states; a user mistake ends in one sentence and exit code 2."""
+    parser = argparse.ArgumentParser(
+        prog="python -m kart_lightning.envs.mario_kart.states",
+        description="Make the Super Mario Kart Time Trial start states from your imported ROM.",
+    )
+    parser.add_argument("--tracks", nargs="+", default=[track.name for track in TRACKS])
+    parser.add_argument("--force", action="store_true", help="remake states that already exist")
+    parser.add_argument("--contact-sheet", type=Path, help="also save the first frames to this PNG")
+    args = parser.parse_args(argv)
+    try:
+        paths = make_states(args.tracks, force=args.force)
+        for name, path in paths.items():
+            print(f"{name}: {path}")
+        if args.contact_sheet:
+            contact_sheet(args.tracks).save(args.contact_sheet)
+            print(f"Contact sheet: {args.contact_sheet}")
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

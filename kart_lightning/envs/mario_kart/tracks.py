@@ -1,0 +1,55 @@
+"""The Super Mario Kart courses we make start states for, in the Time Trial course-select order.
+
+Source: the course select of the USA ROM and the course id it writes to RAM 7E0124 (see NOTES.md).
+"""
+
+from dataclasses import dataclass
+
+from kart_lightning.errors import ConfigError
+
+CUPS = ("Mushroom Cup", "Flower Cup", "Star Cup")
+"""The cups a fresh save offers; the Special Cup stays locked until a 100cc GP is won."""
+
+
+@dataclass(frozen=True)
+class Track:
+    """One course: its state name, where the course select lists it, and its RAM course id."""
+
+    name: str
+    cup: int
+    course: int
+    course_id: int
+
+
+TRACKS: tuple[Track, ...] = (
+    Track("MarioCircuit.Act1", cup=0, course=0, course_id=7),
+    Track("DonutPlains.Act1", cup=0, course=1, course_id=19),
+    Track("GhostValley.Act1", cup=0, course=2, course_id=16),
+    Track("BowserCastle.Act1", cup=0, course=3, course_id=17),
+    Track("MarioCircuit.Act2", cup=0, course=4, course_id=15),
+    Track("ChocoIsland.Act1", cup=1, course=0, course_id=18),
+    Track("GhostValley.Act2", cup=1, course=1, course_id=1),
+    Track("DonutPlains.Act2", cup=1, course=2, course_id=2),
+    Track("BowserCastle.Act2", cup=1, course=3, course_id=3),
+    Track("MarioCircuit.Act3", cup=1, course=4, course_id=0),
+    Track("KoopaBeach.Act1", cup=2, course=0, course_id=13),
+    Track("ChocoIsland.Act2", cup=2, course=1, course_id=10),
+    Track("VanillaLake.Act1", cup=2, course=2, course_id=12),
+    Track("BowserCastle.Act3", cup=2, course=3, course_id=9),
+    Track("MarioCircuit.Act4", cup=2, course=4, course_id=14),
+)
+TRACKS_BY_NAME = {track.name: track for track in TRACKS}
+
+TRAIN_TRACKS = ("MarioCircuit.Act1", "MarioCircuit.Act2", "MarioCircuit.Act3")
+EVAL_TRACKS = ("MarioCircuit.Act4",)
+"""The default split of DESIGN.md: MarioCircuit.Act4 is held out, never trained on."""
+
+
+def get_track(name: str) -> Track:
+    """The track called `name` (a state name such as MarioCircuit.Act1); ConfigError if unknown."""
+    try:
+        return TRACKS_BY_NAME[name.removesuffix(".state")]
+    except KeyError:
+        raise ConfigError(
+            f"Unknown Super Mario Kart track '{name}': use one of {', '.join(TRACKS_BY_NAME)}."
+        ) from None

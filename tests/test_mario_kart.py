@@ -1,0 +1,243 @@
+"""Specification of the Super Mario Kart integration: registration, ROM import, track states.
+
+Tests that need the real game find the ROM in $KART_LIGHTNING_ROM or ../shared/roms and skip without it.
+"""
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import stable_retro
+
+from kart_lightning.envs import mario_kart
+from kart_lightning.envs.factory import EnvConfig, check_env_id, make_env
+from kart_lightning.envs.mario_kart import import_rom, states
+from kart_lightning.envs.mario_kart.menus import course_select_steps
+from kart_lightning.envs.mario_kart.paths import GAME, PACKAGE_INTEGRATION_DIR, user_game_dir
+from kart_lightning.envs.mario_kart.tracks import TRACKS, get_track
+from kart_lightning.errors import ConfigError
+
+DESIGN_ROM_SHA1 = "fe8ca691fc951eff2dd7830fcd1e2b11ac9d6419"
+"""DESIGN.md's SHA-1 of the USA ROM: it covers the whole file, 512-byte copier header included."""
+
+DESIGN_VARIABLES = {
+    "x", "y", "speed", "speed_x", "speed_y", "camera_angle", "kart_angle", "checkpoint",
+    "checkpoint_count", "lap", "clock_centiseconds", "clock_seconds", "clock_minutes",
+    "ground_status", "ground_type", "out_of_control", "collision", "rank", "coins", "lakitu",
+}  # fmt: skip
+
+
+def _shared_rom() -> Path | None:
+    """The test ROM: $KART_LIGHTNING_ROM, else ../shared/roms next to the repository."""
+    if os.environ.get("KART_LIGHTNING_ROM"):
+        return Path(os.environ["KART_LIGHTNING_ROM"])
+    candidates = sorted((Path(__file__).resolve().parents[2] / "shared" / "roms").glob("*.sfc"))
+    return candidates[0] if candidates else None
+
+
+SHARED_ROM = _shared_rom()
+needs_rom = pytest.mark.skipif(
+    SHARED_ROM is None or not SHARED_ROM.is_file(),
+    reason="no Super Mario Kart ROM: set KART_LIGHTNING_ROM or put it in ../shared/roms",
+)
+
+
+@pytest.fixture
+def empty_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A per-test cache with no ROM and no states, registered with stable-retro."""
+    monkeypatch.setenv("KART_LIGHTNING_CACHE", str(tmp_path))
+    mario_kart.register_integration()
+    yield tmp_path
+    monkeypatch.undo()
+    mario_kart.register_integration()
+
+
+@pytest.fixture(scope="session")
+def rom_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A session cache holding the imported ROM and the MarioCircuit.Act1 state, made once."""
+    if SHARED_ROM is None or not SHARED_ROM.is_file():
+        pytest.skip("no Super Mario Kart ROM: set KART_LIGHTNING_ROM or put it in ../shared/roms")
+    cache = tmp_path_factory.mktemp("kart_lightning_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KART_LIGHTNING_CACHE", str(cache))
+        assert import_rom.main([str(SHARED_ROM)]) == 0
+        states.make_states(["MarioCircuit.Act1"])
+        yield cache
+    mario_kart.register_integration()
+
+
+@pytest.fixture
+def in_rom_cache(rom_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Point this test at the session cache that holds the ROM and a state."""
+    monkeypatch.setenv("KART_LIGHTNING_CACHE", str(rom_cache))
+    mario_kart.register_integration()
+    yield rom_cache
+    monkeypatch.undo()
+    mario_kart.register_integration()
+
+
+# Integration folder
+
+
+def test_importing_the_package_registers_the_game_with_stable_retro() -> None:
+    assert GAME in stable_retro.data.list_games(stable_retro.data.Integrations.ALL)
+
+
+def test_the_env_factory_recognises_the_game_as_a_retro_game() -> None:
+    assert check_env_id(GAME) == "retro"
+
+
+def test_data_json_declares_every_variable_of_the_design_ram_map_and_the_track_id() -> None:
+    info = json.loads((PACKAGE_INTEGRATION_DIR / GAME / "data.json").read_text())["info"]
+    assert set(info) == DESIGN_VARIABLES | {"track"}
+
+
+def test_the_package_integration_folder_ships_no_rom_and_no_state() -> None:
+    shipped = {path.name for path in (PACKAGE_INTEGRATION_DIR / GAME).iterdir()}
+    assert shipped == {"data.json", "scenario.json", "metadata.json", "rom.sha"}
+
+
+# ROM import
+
+
+def test_strip_copier_header_removes_a_512_byte_header() -> None:
+    assert import_rom.strip_copier_header(b"h" * 512 + b"r" * 2048) == b"r" * 2048
+
+
+def test_strip_copier_header_keeps_a_headerless_rom_whole() -> None:
+    assert import_rom.strip_copier_header(b"r" * 2048) == b"r" * 2048
+
+
+def test_find_rom_finds_a_headered_rom_inside_a_zip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rom = bytes(range(256)) * 8
+    monkeypatch.setattr(import_rom, "known_sha1s", lambda: frozenset({hashlib.sha1(rom).hexdigest()}))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("game.smc", b"\0" * 512 + rom)
+    (tmp_path / "roms.zip").write_bytes(buffer.getvalue())
+    assert import_rom.find_rom([tmp_path]) == rom
+
+
+def test_find_rom_returns_none_when_no_file_matches(tmp_path: Path) -> None:
+    (tmp_path / "other.sfc").write_bytes(b"x" * 4096)
+    assert import_rom.find_rom([tmp_path]) is None
+
+
+def test_import_rom_exits_with_code_2_when_no_file_matches(tmp_path: Path, empty_cache: Path) -> None:
+    assert import_rom.main([str(tmp_path)]) == 2
+
+
+def test_require_rom_names_the_import_command_when_the_rom_is_missing(empty_cache: Path) -> None:
+    with pytest.raises(ConfigError, match="python -m kart_lightning.envs.mario_kart.import_rom"):
+        import_rom.require_rom()
+
+
+def test_require_rom_rejects_a_file_that_is_not_the_usa_rom(empty_cache: Path) -> None:
+    user_game_dir().mkdir(parents=True)
+    (user_game_dir() / "rom.sfc").write_bytes(b"x" * 4096)
+    with pytest.raises(ConfigError, match="is not the Super Mario Kart"):
+        import_rom.require_rom()
+
+
+@needs_rom
+def test_the_design_sha1_covers_the_headered_file_and_rom_sha_the_headerless_rom() -> None:
+    data = SHARED_ROM.read_bytes()
+    assert hashlib.sha1(data).hexdigest() == DESIGN_ROM_SHA1
+    assert hashlib.sha1(import_rom.strip_copier_header(data)).hexdigest() in import_rom.known_sha1s()
+
+
+@needs_rom
+def test_an_imported_rom_is_installed_headerless_in_the_user_cache(in_rom_cache: Path) -> None:
+    installed = import_rom.require_rom()
+    assert installed.is_relative_to(in_rom_cache)
+    assert installed.stat().st_size == 512 * 1024
+
+
+@needs_rom
+def test_stable_retro_finds_the_imported_rom(in_rom_cache: Path) -> None:
+    rom = stable_retro.data.get_romfile_path(GAME, stable_retro.data.Integrations.ALL)
+    assert Path(rom).is_relative_to(in_rom_cache)
+
+
+# Tracks and menus
+
+
+def test_every_track_has_its_own_course_id_and_course_select_place() -> None:
+    assert len({track.course_id for track in TRACKS}) == len(TRACKS)
+    assert len({(track.cup, track.course) for track in TRACKS}) == len(TRACKS)
+
+
+def test_the_default_split_tracks_are_all_known() -> None:
+    for name in ("MarioCircuit.Act1", "MarioCircuit.Act2", "MarioCircuit.Act3", "MarioCircuit.Act4"):
+        assert get_track(name).name == name
+
+
+def test_an_unknown_track_is_a_config_error_listing_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match="MarioCircuit.Act1"):
+        get_track("MarioCircuit.Act9")
+
+
+def test_course_select_presses_down_once_per_cup_and_once_per_course() -> None:
+    buttons = [step.buttons for step in course_select_steps(cup=2, course=4)]
+    assert buttons == [("LEFT",), *[("DOWN",)] * 2, ("B",), *[("DOWN",)] * 4, ("B",), ("B",), ("B",)]
+
+
+def test_grid_problems_name_each_variable_that_is_off_the_grid() -> None:
+    on_grid = {
+        "track": 7, "lap": 127, "clock_minutes": 0, "clock_seconds": 0, "clock_centiseconds": 0,
+        "checkpoint": 29, "checkpoint_count": 30, "speed": 0,
+    }  # fmt: skip
+    assert states.grid_problems(on_grid, get_track("MarioCircuit.Act1")) == []
+    moved = {**on_grid, "lap": 128, "checkpoint": 0}
+    assert states.grid_problems(moved, get_track("MarioCircuit.Act1")) == [
+        "lap is 128, expected 127",
+        "checkpoint is 0, expected 29",
+    ]
+
+
+# Track states
+
+
+@needs_rom
+def test_a_made_state_is_cached_outside_the_repository(in_rom_cache: Path) -> None:
+    path = states.state_path("MarioCircuit.Act1")
+    assert path.is_file() and path.is_relative_to(in_rom_cache)
+
+
+@needs_rom
+def test_an_existing_state_is_reused_not_remade(in_rom_cache: Path) -> None:
+    before = states.state_path("MarioCircuit.Act1").stat().st_mtime_ns
+    states.make_states(["MarioCircuit.Act1"])
+    assert states.state_path("MarioCircuit.Act1").stat().st_mtime_ns == before
+
+
+@needs_rom
+def test_the_env_factory_starts_a_state_by_name_on_the_grid_of_its_track(in_rom_cache: Path) -> None:
+    env = make_env(EnvConfig(id=GAME, retro_state="MarioCircuit.Act1"))
+    try:
+        info = env.unwrapped.data.lookup_all()
+    finally:
+        env.close()
+    assert states.grid_problems(info, get_track("MarioCircuit.Act1")) == []
+
+
+@needs_rom
+def test_a_state_file_is_a_gzipped_emulator_state(in_rom_cache: Path) -> None:
+    with gzip.open(states.state_path("MarioCircuit.Act1"), "rb") as file:
+        assert len(file.read()) > 0
+
+
+@needs_rom
+def test_the_contact_sheet_tiles_one_256x224_frame_per_track(in_rom_cache: Path) -> None:
+    sheet = states.contact_sheet(["MarioCircuit.Act1"], columns=1)
+    assert sheet.size == (256, 224)
+
+
+def test_the_states_command_exits_with_code_2_for_an_unknown_track() -> None:
+    assert states.main(["--tracks", "RainbowRoad.Act9"]) == 2
