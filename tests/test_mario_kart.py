@@ -1,4 +1,4 @@
-"""Specification of the Super Mario Kart integration: registration, ROM import, track states.
+"""Specification of the Super Mario Kart integration: ROM, track states, actions, view, reward.
 
 Tests that need the real game find the ROM in $KART_LIGHTNING_ROM or ../shared/roms and skip without it.
 """
@@ -8,21 +8,31 @@ import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import gymnasium
+import numpy as np
 import pytest
 import stable_retro
+import torch
+from gymnasium.spaces import Box, Discrete, MultiBinary
+from gymnasium.wrappers import TimeLimit
 
-from kart_lightning.envs import mario_kart
-from kart_lightning.envs.factory import EnvConfig, check_env_id, make_env
+from kart_lightning.envs import EnvConfigError, MarioKartConfig, mario_kart
+from kart_lightning.envs.factory import EnvConfig, _retro_state, check_env_id, make_env
 from kart_lightning.envs.mario_kart import import_rom, states
+from kart_lightning.envs.mario_kart.actions import ACTION_SETS, SNES_BUTTONS, button_table, discrete_actions
+from kart_lightning.envs.mario_kart.game import AIRBORNE, DRIVER_VIEW_ROWS
 from kart_lightning.envs.mario_kart.menus import course_select_steps
 from kart_lightning.envs.mario_kart.paths import GAME, PACKAGE_INTEGRATION_DIR, user_game_dir
 from kart_lightning.envs.mario_kart.tracks import TRACKS, get_track
 from kart_lightning.errors import ConfigError
 
+REPO = Path(__file__).resolve().parents[1]
 DESIGN_ROM_SHA1 = "fe8ca691fc951eff2dd7830fcd1e2b11ac9d6419"
 """DESIGN.md's SHA-1 of the USA ROM: it covers the whole file, 512-byte copier header included."""
 
@@ -241,3 +251,233 @@ def test_the_contact_sheet_tiles_one_256x224_frame_per_track(in_rom_cache: Path)
 
 def test_the_states_command_exits_with_code_2_for_an_unknown_track() -> None:
     assert states.main(["--tracks", "RainbowRoad.Act9"]) == 2
+
+
+# Actions
+
+
+class _ButtonRecorder(gymnasium.Env):
+    """A stand-in SNES env that keeps the button array of its last step."""
+
+    def __init__(self) -> None:
+        self.buttons = list(SNES_BUTTONS)
+        self.action_space = MultiBinary(len(SNES_BUTTONS))
+        self.observation_space = Box(0, 255, (224, 256, 3), np.uint8)
+        self.pressed: set[str] = set()
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        self.pressed = {button for button, down in zip(self.buttons, action, strict=True) if down}
+        return np.zeros((224, 256, 3), np.uint8), 0.0, False, False, {}
+
+
+def test_the_drive_actions_press_the_smk_controls() -> None:
+    env = discrete_actions(_ButtonRecorder(), "drive")
+    pressed = {}
+    for action, name in enumerate(ACTION_SETS["drive"]):
+        env.step(action)
+        pressed[name] = env.unwrapped.pressed
+    assert env.action_space == Discrete(7)
+    assert pressed == {
+        "noop": set(),
+        "accelerate": {"B"},
+        "accelerate_left": {"B", "LEFT"},
+        "accelerate_right": {"B", "RIGHT"},
+        "slide_left": {"B", "R", "LEFT"},
+        "slide_right": {"B", "R", "RIGHT"},
+        "brake": {"Y"},
+    }
+
+
+def test_drive_item_adds_accelerating_while_using_the_item_with_a() -> None:
+    table = button_table("drive_item")
+    assert len(table) == len(ACTION_SETS["drive"]) + 1
+    assert {SNES_BUTTONS[i] for i in np.flatnonzero(table[-1])} == {"B", "A"}
+
+
+def test_an_unknown_action_set_is_a_config_error_naming_the_sets() -> None:
+    with pytest.raises(EnvConfigError, match="use one of drive, drive_item"):
+        make_env(EnvConfig(id=GAME, mario_kart=MarioKartConfig(actions="fly")))
+
+
+def test_laps_beyond_the_race_are_a_config_error() -> None:
+    with pytest.raises(EnvConfigError, match="set it to 1 to 5"):
+        make_env(EnvConfig(id=GAME, mario_kart=MarioKartConfig(laps=6)))
+
+
+# Several tracks
+
+
+def test_a_list_of_states_is_dealt_round_robin_by_env_index(tmp_path: Path) -> None:
+    paths = [tmp_path / f"{name}.state" for name in ("a", "b", "c")]
+    for path in paths:
+        path.write_bytes(b"")
+    config = EnvConfig(id=GAME, retro_state=[str(path) for path in paths])
+    assert [_retro_state(config, index) for index in range(5)] == [str(paths[i]) for i in (0, 1, 2, 0, 1)]
+
+
+def test_an_empty_list_of_states_is_a_config_error() -> None:
+    with pytest.raises(EnvConfigError, match="name at least one state"):
+        _retro_state(EnvConfig(id=GAME, retro_state=[]), 0)
+
+
+# On the real game
+
+
+def _kart_env(**kart: object) -> gymnasium.Env:
+    return make_env(EnvConfig(id=GAME, retro_state="MarioCircuit.Act1", mario_kart=MarioKartConfig(**kart)))
+
+
+def _drive(env: gymnasium.Env, script: list[tuple[str, int]]) -> tuple[list[float], list[dict]]:
+    """Take each (action name, agent steps) of `script`; the rewards and infos of every step."""
+    names = list(ACTION_SETS["drive"])
+    rewards, infos = [], []
+    for name, steps in script:
+        for _ in range(steps):
+            _, reward, terminated, truncated, info = env.step(names.index(name))
+            assert not (terminated or truncated)
+            rewards.append(reward)
+            infos.append(info)
+    return rewards, infos
+
+
+TURN_AROUND = [("accelerate", 25), ("accelerate_left", 24), ("accelerate", 60)]
+"""From Mario Circuit 1's grid: over the line, a left turn held until the kart faces back, then
+back the way it came (checked frame by frame: Lakitu's sign shows, checkpoints count down)."""
+
+
+@needs_rom
+def test_stable_retro_orders_the_snes_buttons_as_the_action_table_assumes(in_rom_cache: Path) -> None:
+    env = _kart_env()
+    try:
+        assert tuple(env.unwrapped.buttons) == SNES_BUTTONS
+        assert env.action_space == Discrete(7)
+        assert env.observation_space.shape == (4, 84, 84)
+    finally:
+        env.close()
+
+
+@needs_rom
+def test_accelerating_from_the_grid_earns_progress_reward(in_rom_cache: Path) -> None:
+    env = _kart_env()
+    try:
+        rewards, infos = _drive(env, [("accelerate", 25)])
+    finally:
+        env.close()
+    # 100 frames with B held: over the line (checkpoint 29 -> 0) and on to checkpoint 1.
+    assert sum(rewards) == 2.0
+    assert infos[-1]["race"]["progress"] == 2 and infos[-1]["race"]["speed"] > 600
+
+
+@needs_rom
+def test_the_slide_action_hops(in_rom_cache: Path) -> None:
+    env = _kart_env()
+    try:
+        _, infos = _drive(env, [("accelerate", 15), ("slide_left", 1)])
+    finally:
+        env.close()
+    assert infos[-1]["ground_status"] == AIRBORNE
+
+
+@needs_rom
+def test_the_brake_action_stops_the_kart(in_rom_cache: Path) -> None:
+    env = _kart_env()
+    try:
+        _, infos = _drive(env, [("accelerate", 25), ("brake", 45)])
+    finally:
+        env.close()
+    assert infos[-1]["race"]["speed"] == 0
+
+
+@needs_rom
+def test_driving_backwards_fires_the_wrong_way_penalty(in_rom_cache: Path) -> None:
+    env = _kart_env(progress_reward=0.0, lap_reward=0.0, wrong_way_penalty=1.0)
+    try:
+        rewards, infos = _drive(env, TURN_AROUND)
+    finally:
+        env.close()
+    wrong_way = [info["race"]["wrong_way"] for info in infos]
+    assert any(wrong_way) and not any(wrong_way[:25])
+    assert rewards[wrong_way.index(True) + 1] == -1.0
+
+
+@needs_rom
+def test_driving_backwards_loses_progress(in_rom_cache: Path) -> None:
+    env = _kart_env(wrong_way_penalty=0.0)
+    try:
+        rewards, infos = _drive(env, TURN_AROUND)
+    finally:
+        env.close()
+    progress = [info["race"]["progress"] for info in infos]
+    assert progress[-1] < max(progress)
+    assert sum(rewards[progress.index(max(progress)) + 1 :]) < 0
+
+
+@needs_rom
+def test_the_race_terminates_when_the_lap_counter_passes_the_last_lap(in_rom_cache: Path) -> None:
+    env = _kart_env()
+    try:
+        # Lap 5 on the grid: crossing the line is the finish (the game then waves the flag).
+        env.unwrapped.data.set_value("lap", 132)
+        for step in range(1, 31):
+            _, _, terminated, truncated, info = env.step(1)
+            if terminated or truncated:
+                break
+    finally:
+        env.close()
+    assert terminated and not truncated and step < 15
+    assert info["race"]["finished"] and info["lap"] == 133
+
+
+@needs_rom
+def test_a_race_is_truncated_at_5_minutes_of_frames_by_default(in_rom_cache: Path) -> None:
+    env = _kart_env()
+    try:
+        wrapper = env
+        while not isinstance(wrapper, TimeLimit):
+            wrapper = wrapper.env
+        assert wrapper._max_episode_steps == 18_000 // 4
+    finally:
+        env.close()
+
+
+@needs_rom
+@pytest.mark.parametrize("view", ["driver", "full"])
+def test_both_views_give_stacked_84x84_frames(in_rom_cache: Path, view: str) -> None:
+    env = _kart_env(view=view)
+    try:
+        obs, *_ = env.step(1)
+    finally:
+        env.close()
+    assert obs.shape == (4, 84, 84) and obs.dtype == np.uint8
+
+
+@needs_rom
+def test_the_driver_view_rows_are_bounded_by_black_rows_above_and_below(in_rom_cache: Path) -> None:
+    env = _kart_env()
+    try:
+        _drive(env, [("accelerate", 25)])
+        screen = env.unwrapped.get_screen()
+    finally:
+        env.close()
+    start, stop = DRIVER_VIEW_ROWS
+    row_is_black = screen.max(axis=(1, 2)) == 0
+    assert row_is_black[:start].all() and row_is_black[stop : stop + 8].all()
+    assert not row_is_black[start] and not row_is_black[stop - 1]
+
+
+# Training
+
+
+def test_a_short_fit_on_the_mario_kart_config_runs_and_checkpoints(in_rom_cache: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "kart_lightning", "fit", "--config", "configs/impala.yaml",
+         "--model.max_frames", "2560", "--trainer.enable_progress_bar", "false",
+         "--trainer.default_root_dir", str(run_dir), "--checkpoint.dirpath", str(run_dir / "checkpoints")],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "KART_LIGHTNING_CACHE": str(in_rom_cache)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert int(checkpoint["state_dict"]["env_frames"]) >= 2560
+    assert list(run_dir.glob("lightning_logs/version_*/events.out.tfevents.*"))

@@ -11,19 +11,24 @@ from kart_lightning.envs.factory import (
     check_env_id,
     env_frames_per_step,
     make_env,
+    retro_state_names,
 )
-from kart_lightning.envs.wrappers import ChannelsFirst, EpisodicLife, NoopReset, ResizeFrame
+from kart_lightning.envs.mario_kart.config import MarioKartConfig
+from kart_lightning.envs.wrappers import ChannelsFirst, CropRows, EpisodicLife, NoopReset, ResizeFrame
 
 __all__ = [
     "ChannelsFirst",
+    "CropRows",
     "EnvConfig",
     "EnvConfigError",
     "EnvKind",
     "EpisodicLife",
+    "MarioKartConfig",
     "NoopReset",
     "ResizeFrame",
     "UnknownEnvError",
     "check_env_id",
     "env_frames_per_step",
     "make_env",
+    "retro_state_names",
 ]

@@ -4,8 +4,9 @@ ALE and stable-retro games give stacked uint8 frames; other gymnasium envs float
 """
 
 import difflib
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import ale_py
@@ -25,7 +26,11 @@ from gymnasium.wrappers import (
 
 # Importing the package registers the Super Mario Kart integration, so its id is known here.
 from kart_lightning.envs import mario_kart
-from kart_lightning.envs.wrappers import ChannelsFirst, EpisodicLife, NoopReset, ResizeFrame
+from kart_lightning.envs.mario_kart.actions import ACTION_SETS, discrete_actions
+from kart_lightning.envs.mario_kart.config import MarioKartConfig
+from kart_lightning.envs.mario_kart.game import DRIVER_VIEW_ROWS, RACE_FRAME_LIMIT, RACE_LAPS
+from kart_lightning.envs.mario_kart.reward import RaceRewardWrapper
+from kart_lightning.envs.wrappers import ChannelsFirst, CropRows, EpisodicLife, NoopReset, ResizeFrame
 from kart_lightning.errors import ConfigError
 
 gymnasium.register_envs(ale_py)
@@ -57,9 +62,12 @@ class EnvConfig:
         grayscale: one channel per frame instead of three (RGB).
         noop_max: Atari: at reset, take a random 1..noop_max no-op actions (0 turns this off).
         episodic_life: Atari: a lost life terminates the episode; only game over resets the game.
-        max_episode_steps: agent steps before an episode is truncated; None: the env's own limit.
+        max_episode_steps: agent steps before an episode is truncated; None: the env's own limit
+            (Super Mario Kart: 18,000 frames, 4,500 steps at frame_skip 4).
         retro_state: stable-retro state name or .state file path; None is the game's default state.
+            A list deals its states round-robin: env number i plays state i % len(list).
         render_mode: None for training; 'rgb_array' lets a recorder call env.render().
+        mario_kart: Super Mario Kart's actions, view, reward and episode ends; other games ignore it.
     """
 
     id: str = "Airstriker-Genesis-v0"
@@ -70,8 +78,9 @@ class EnvConfig:
     noop_max: int = 30
     episodic_life: bool = False
     max_episode_steps: int | None = None
-    retro_state: str | None = None
+    retro_state: str | list[str] | None = None
     render_mode: str | None = None
+    mario_kart: MarioKartConfig = field(default_factory=MarioKartConfig)
 
 
 def check_env_id(env_id: str) -> EnvKind:
@@ -97,18 +106,19 @@ def env_frames_per_step(config: EnvConfig) -> int:
     return 1 if check_env_id(config.id) == "gymnasium" else config.frame_skip
 
 
-def make_env(config: EnvConfig, seed: int = 0) -> gymnasium.Env:
+def make_env(config: EnvConfig, seed: int = 0, env_index: int = 0) -> gymnasium.Env:
     """Build the env `config` names, with a Discrete action space.
 
     Observations are `[frame_stack * (1 or 3), screen_size, screen_size] uint8` for image envs and
     `[D] float32` for vector envs. The env has been reset once with `seed` and its action space
-    seeded, so the plain `reset()` calls that follow are reproducible from `seed`.
+    seeded, so the plain `reset()` calls that follow are reproducible from `seed`. `env_index`, the
+    env's number among all the run's envs, picks its state when `config.retro_state` is a list.
     """
     kind = check_env_id(config.id)
     if kind == "atari":
         env = _make_atari(config)
     elif kind == "retro":
-        env = _make_retro(config)
+        env = _make_retro(config, env_index)
     else:
         env = _make_vector(config)
     env.action_space.seed(seed)
@@ -136,8 +146,9 @@ def _make_atari(config: EnvConfig) -> gymnasium.Env:
     return _stack_frames(env, config)
 
 
-def _make_retro(config: EnvConfig) -> gymnasium.Env:
+def _make_retro(config: EnvConfig, env_index: int) -> gymnasium.Env:
     if config.id == mario_kart.GAME:
+        _check_mario_kart_config(config.mario_kart)
         _prepare_mario_kart(config)
     try:
         stable_retro.data.get_romfile_path(config.id, _RETRO_INTEGRATIONS)
@@ -146,9 +157,11 @@ def _make_retro(config: EnvConfig) -> gymnasium.Env:
             f"The ROM for '{config.id}' is not imported: run `python -m stable_retro.import DIR` "
             "on the folder that holds it."
         ) from None
+    if config.id == mario_kart.GAME:
+        return _make_mario_kart(config, env_index)
     env = stable_retro.make(
         config.id,
-        state=_retro_state(config),
+        state=_retro_state(config, env_index),
         inttype=_RETRO_INTEGRATIONS,
         render_mode=config.render_mode,
         use_restricted_actions=stable_retro.Actions.DISCRETE,
@@ -157,34 +170,83 @@ def _make_retro(config: EnvConfig) -> gymnasium.Env:
     return _stack_frames(env, config)
 
 
+def _check_mario_kart_config(kart: MarioKartConfig) -> None:
+    """One sentence naming the fix for a MarioKartConfig value that cannot be built, before any emulation."""
+    if kart.actions not in ACTION_SETS:
+        raise EnvConfigError(
+            f"Unknown Super Mario Kart action set '{kart.actions}': use one of {', '.join(ACTION_SETS)}."
+        )
+    if kart.view not in ("driver", "full"):
+        raise EnvConfigError(f"Unknown Super Mario Kart view '{kart.view}': use 'driver' or 'full'.")
+    if not 1 <= kart.laps <= RACE_LAPS:
+        raise EnvConfigError(f"mario_kart.laps is {kart.laps}: set it to 1 to {RACE_LAPS}, the race's laps.")
+    if kart.stall_steps is not None and kart.stall_steps < 1:
+        raise EnvConfigError(
+            f"mario_kart.stall_steps is {kart.stall_steps}: set it to 1 or more, or null to never cut a race."
+        )
+
+
 def _prepare_mario_kart(config: EnvConfig) -> None:
     """The user's ROM must be imported (one sentence naming the command if not), and the track
-    state is made from it on first use."""
+    states are made from it on first use."""
     # Imported here: the state maker pulls in Pillow and the menu tables, which other games never need.
     from kart_lightning.envs.mario_kart.import_rom import require_rom
     from kart_lightning.envs.mario_kart.states import make_states
 
     require_rom()
-    state = config.retro_state or mario_kart.DEFAULT_STATE
-    if not os.path.isfile(state):
-        make_states([state.removesuffix(".state")])
+    names = retro_state_names(config) or [mario_kart.DEFAULT_STATE]
+    # All at once: the maker boots an emulator, which is only possible before this process's first env.
+    make_states([name.removesuffix(".state") for name in names if not os.path.isfile(name)])
 
 
-def _retro_state(config: EnvConfig) -> object:
-    """The `state` argument for stable_retro.make: a state name, an absolute path, or DEFAULT."""
+def _make_mario_kart(config: EnvConfig, env_index: int) -> gymnasium.Env:
+    """Super Mario Kart with MarioKartConfig's actions, RAM reward, episode ends and view."""
+    kart = config.mario_kart
+    env = stable_retro.make(
+        config.id,
+        state=_retro_state(config, env_index),
+        inttype=_RETRO_INTEGRATIONS,
+        render_mode=config.render_mode,
+        use_restricted_actions=stable_retro.Actions.ALL,
+    )
+    env = discrete_actions(env, kart.actions)
+    # Beneath the frame skip, so that the reward sees every frame's RAM (see RaceRewardWrapper).
+    env = RaceRewardWrapper(env, kart, frames_per_step=config.frame_skip)
+    env = _skip_frames_and_limit_steps(env, config, math.ceil(RACE_FRAME_LIMIT / config.frame_skip))
+    if kart.view == "driver":
+        # After the max-pool: one crop per agent step rather than one per frame.
+        env = CropRows(env, *DRIVER_VIEW_ROWS)
+    return _stack_frames(env, config)
+
+
+def retro_state_names(config: EnvConfig) -> list[str]:
+    """The states `config.retro_state` names, as a list (empty for the game's default state)."""
     if config.retro_state is None:
+        return []
+    names = [config.retro_state] if isinstance(config.retro_state, str) else list(config.retro_state)
+    if not names:
+        raise EnvConfigError("retro_state is an empty list: name at least one state, or leave it unset.")
+    return names
+
+
+def _retro_state(config: EnvConfig, env_index: int) -> object:
+    """The `state` argument for stable_retro.make: a state name, an absolute path, or DEFAULT."""
+    names = retro_state_names(config)
+    if not names:
         return stable_retro.State.DEFAULT
-    if os.path.isfile(config.retro_state):
+    # Round-robin over the run's envs, so each state gets an equal share of them.
+    state = names[env_index % len(names)]
+    if os.path.isfile(state):
         # stable-retro looks names up inside the integration folder; an absolute path escapes it.
-        return os.path.abspath(config.retro_state)
-    file_name = config.retro_state.removesuffix(".state") + ".state"
+        return os.path.abspath(state)
+    file_name = state.removesuffix(".state") + ".state"
     if stable_retro.data.get_file_path(config.id, file_name, _RETRO_INTEGRATIONS) is None:
         states = stable_retro.data.list_states(config.id, _RETRO_INTEGRATIONS)
         raise EnvConfigError(
-            f"Unknown state '{config.retro_state}' for '{config.id}': use one of {states}, a path "
+            f"Unknown state '{state}' for '{config.id}': use one of {states}, a path "
             "to a .state file, or leave retro_state unset for the game's default."
         )
-    return config.retro_state
+    return state
 
 
 def _make_vector(config: EnvConfig) -> gymnasium.Env:
@@ -209,14 +271,19 @@ def _make_vector(config: EnvConfig) -> gymnasium.Env:
     return RecordEpisodeStatistics(env)
 
 
-def _skip_frames_and_limit_steps(env: gymnasium.Env, config: EnvConfig) -> gymnasium.Env:
-    """Repeat each action `frame_skip` frames (max over the last two), limit agent steps, and
-    record episode statistics."""
+def _skip_frames_and_limit_steps(
+    env: gymnasium.Env, config: EnvConfig, default_max_episode_steps: int | None = None
+) -> gymnasium.Env:
+    """Repeat each action `frame_skip` frames (max over the last two), limit agent steps (to the
+    game's default when the config sets none), and record episode statistics."""
     # MaxAndSkipObservation refuses a skip of 1, which needs no wrapper anyway.
     if config.frame_skip > 1:
         env = MaxAndSkipObservation(env, skip=config.frame_skip)
-    if config.max_episode_steps is not None:
-        env = TimeLimit(env, max_episode_steps=config.max_episode_steps)
+    max_episode_steps = config.max_episode_steps
+    if max_episode_steps is None:
+        max_episode_steps = default_max_episode_steps
+    if max_episode_steps is not None:
+        env = TimeLimit(env, max_episode_steps=max_episode_steps)
     # Beneath episodic life, so info["episode"] reports whole games (return, agent steps).
     return RecordEpisodeStatistics(env)
 

@@ -1,6 +1,6 @@
 """Generic gymnasium wrappers that gymnasium itself lacks or only offers behind OpenCV.
 
-Atari no-op reset and episodic life, Pillow frame resizing, and channels-first frames.
+Atari no-op reset and episodic life, row cropping, Pillow resizing, and channels-first frames.
 """
 
 from typing import Any
@@ -71,6 +71,24 @@ class EpisodicLife(gymnasium.Wrapper):
         self._game_over = False
         self._lives = self.env.unwrapped.ale.lives()
         return obs, info
+
+
+class CropRows(gymnasium.ObservationWrapper):
+    """Keep rows `start:stop` of frames `[H, W]` or `[H, W, C]`, such as one half of a split screen.
+
+    The rows stay a view of the frame (C-contiguous), so Pillow and numpy read them without a copy.
+    """
+
+    def __init__(self, env: gymnasium.Env, start: int, stop: int):
+        super().__init__(env)
+        height, *rest = env.observation_space.shape
+        if not 0 <= start < stop <= height:
+            raise ValueError(f"rows {start}:{stop} are not inside a frame {height} rows high")
+        self.observation_space = Box(0, 255, (stop - start, *rest), np.uint8)
+        self._rows = slice(start, stop)
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        return observation[self._rows]
 
 
 class ResizeFrame(gymnasium.ObservationWrapper):

@@ -39,12 +39,16 @@ def register_integration() -> None:
     """Let stable-retro find our game: the shipped folder, then the user's cache folder.
 
     Idempotent. Every entry point calls it again, so a cache moved by $KART_LIGHTNING_CACHE after
-    import replaces the old one (stable-retro searches its custom paths in order).
+    import replaces the old one (stable-retro searches its custom paths in order), and the cache
+    folder joins once the ROM import has made it.
     """
     integrations = stable_retro.data.Integrations
     # CUSTOM_PATHS only exists once a first path has been added.
     custom_paths: list[str] = getattr(integrations, "CUSTOM_PATHS", [])
-    wanted = [str(PACKAGE_INTEGRATION_DIR), str(user_integration_dir())]
+    wanted = [str(PACKAGE_INTEGRATION_DIR)]
+    # stable-retro's list_games lists every custom folder and fails on one that does not exist.
+    if user_integration_dir().is_dir():
+        wanted.append(str(user_integration_dir()))
     for stale in [path for path in _registered if path not in wanted]:
         custom_paths.remove(stale)
         _registered.remove(stale)

@@ -14,6 +14,7 @@ import numpy as np
 import stable_retro
 from PIL import Image, ImageDraw
 
+from kart_lightning.envs.mario_kart.game import LAP_ON_GRID
 from kart_lightning.envs.mario_kart.import_rom import require_rom
 from kart_lightning.envs.mario_kart.menus import (
     POWER_ON_TO_COURSE_SELECT,
@@ -23,9 +24,6 @@ from kart_lightning.envs.mario_kart.menus import (
 from kart_lightning.envs.mario_kart.paths import GAME, user_game_dir
 from kart_lightning.envs.mario_kart.tracks import TRACKS, Track, get_track
 from kart_lightning.errors import ConfigError
-
-LAP_ON_GRID = 127
-"""RAM lap value before the start line is first crossed (128 after, see NOTES.md)."""
 
 MAX_COUNTDOWN_FRAMES = 1200
 """The race loads and Lakitu counts down in ~330 frames; far more means the menu script failed."""

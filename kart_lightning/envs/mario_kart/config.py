@@ -1,0 +1,41 @@
+"""The Super Mario Kart part of the env config: action set, view, reward weights, episode ends.
+
+EnvConfig holds one as `mario_kart`; other games ignore it.
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+ActionSetName = Literal["drive", "drive_item"]
+ViewName = Literal["driver", "full"]
+
+
+@dataclass
+class MarioKartConfig:
+    """How an agent plays Super Mario Kart and what it is rewarded for (RAM-based, see reward.py).
+
+    Args:
+        actions: 'drive': no-op, accelerate, accelerate left/right, power-slide left/right, brake;
+            'drive_item': those and accelerate while using the item (GP races only).
+        view: 'driver': the upper screen half, the kart's view without the minimap; 'full': both halves.
+        progress_reward: per checkpoint passed (about 30-40 a lap); minus this per checkpoint driven back.
+        lap_reward: per lap completed (each lap counts once, however often the line is recrossed).
+        wrong_way_penalty: per agent step while Lakitu shows his wrong-way sign.
+        fall_penalty: per fall off the track or into deep water or lava.
+        lakitu_penalty: per Lakitu rescue; every fall ends in one, so this adds to fall_penalty.
+        offroad_penalty: per agent step on ground other than the road the kart starts on (grass).
+        laps: the episode terminates once this many laps are completed; 5 is the game's whole race.
+        stall_steps: agent steps without passing a new checkpoint before the episode is truncated
+            (bootstrapped, like a time limit); None never cuts a stalled race.
+    """
+
+    actions: ActionSetName = "drive"
+    view: ViewName = "driver"
+    progress_reward: float = 1.0
+    lap_reward: float = 10.0
+    wrong_way_penalty: float = 0.1
+    fall_penalty: float = 5.0
+    lakitu_penalty: float = 0.0
+    offroad_penalty: float = 0.0
+    laps: int = 5
+    stall_steps: int | None = 150

@@ -1,0 +1,36 @@
+"""What we measured about Super Mario Kart, as data: RAM values, race rules and screen layout.
+
+Source: the USA ROM in stable-retro 1.0.1, read through data.json's variables (see NOTES.md).
+"""
+
+LAP_ON_GRID = 127
+"""RAM `lap` before the start line is first crossed; 128 while lap 1 is driven, 133 at the finish."""
+
+RACE_LAPS = 5
+"""Laps of a Time Trial or GP race: RAM `lap` reaches LAP_ON_GRID + 1 + RACE_LAPS at the finish."""
+
+GROUND = 0
+AIRBORNE = 2
+"""RAM `ground_status` on the road or grass, and in the air (an R hop, a jump into water)."""
+
+FALLEN = frozenset({4, 6, 8})
+"""RAM `ground_status` once the kart is lost: 4 off an edge (Ghost Valley 1), 8 in deep water
+(Koopa Beach 1), 6 after 8 just before Lakitu comes (and, per Data Crystal, in lava: unverified)."""
+
+LAKITU_RESCUE = frozenset({12, 14})
+"""RAM `ground_status` while Lakitu carries the kart back (12) and drops it on the track (14)."""
+
+LAKITU_WRONG_WAY = 16
+LAKITU_FINISH_FLAG = 64
+"""Bits of RAM `lakitu`: 16 while his wrong-way sign shows (also as 20 = 16 | 4 during a rescue,
+4 being his rescue flight), 64 while he waves the chequered flag after the finish."""
+
+RACE_FRAME_LIMIT = 18_000
+"""Emulator frames (5 minutes at 60 frames/s) before a race is truncated when the config sets no
+limit: a 5-lap Time Trial on Mario Circuit 1 takes ~3,000 frames with B held well."""
+
+SCREEN_HEIGHT = 224
+DRIVER_VIEW_ROWS = (3, 107)
+"""Rows [start, stop) of the 224x256 screen showing the driver's view: rows 0-2 are always black,
+107-114 the black band above the minimap (or rear view) that fills the lower half. Measured on six
+tracks; Ghost Valley's dark floor adds black rows inside both halves, never at these bounds."""
