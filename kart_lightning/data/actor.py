@@ -80,7 +80,11 @@ def act(
 
 
 def _run(spec: ActorSpec, buffers, inference, num_groups: int, board: SlotBoard, counters: ActorCounters) -> None:
-    envs = [make_env(spec.env, seed=spec.seed + k) for k in range(spec.num_envs)]
+    # The global env index picks the track when the config lists several (round-robin).
+    envs = [
+        make_env(spec.env, seed=spec.seed + k, env_index=spec.index * spec.num_envs + k)
+        for k in range(spec.num_envs)
+    ]
     rebuild = EnvRebuilder(spec, envs, counters)
     bounds = np.linspace(0, spec.num_envs, num_groups + 1).astype(int)
     groups = [
@@ -220,7 +224,10 @@ class EnvRebuilder:
         with contextlib.suppress(Exception):
             self.envs[k].close()
         # A new seed, so a deterministic failure is not replayed step for step.
-        self.envs[k] = make_env(self.spec.env, seed=self.spec.seed + k + 1000 * rebuilds)
+        self.envs[k] = make_env(
+            self.spec.env, seed=self.spec.seed + k + 1000 * rebuilds,
+            env_index=self.spec.index * self.spec.num_envs + k,
+        )
         observation, _ = self.envs[k].reset()
         return observation
 

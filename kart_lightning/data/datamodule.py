@@ -40,6 +40,7 @@ class ImpalaDataModule(LightningDataModule):
         learner_threads: int | None = None,
         max_actor_failures: int = 3,
         rollout_timeout_s: float = 600.0,
+        eval_env: EnvConfig | None = None,
         eval_episodes: int = 5,
         eval_seed: int = 1_000_000,
         eval_greedy: bool = False,
@@ -69,6 +70,8 @@ class ImpalaDataModule(LightningDataModule):
             max_actor_failures: An actor that dies this many times in a row before finishing an
                 unroll stops the run; dead actors are otherwise restarted.
             rollout_timeout_s: Give up (with an error) when no trajectory arrives for this long.
+            eval_env: The environment `validate` and `test` play (for example a held-out track);
+                default the training env.
             eval_episodes: Episodes played by `validate` and `test`.
             eval_seed: First seed of the evaluation episodes (held out from training seeds).
             eval_greedy: Act greedily (argmax) in evaluation instead of sampling.
@@ -84,8 +87,16 @@ class ImpalaDataModule(LightningDataModule):
                 f"data.slots_per_env={slots_per_env} is too few for {num_actors * envs_per_actor} envs to "
                 f"fill a batch of {batch_size}: set it to at least {least_slots_per_env}, or leave it unset."
             )
-        check_env_id(env.id)
+        if check_env_id(env.id) == "retro" and envs_per_actor > 1:
+            raise ConfigError(
+                "stable-retro runs one emulator per process: set data.envs_per_actor to 1 and raise "
+                "data.num_actors instead."
+            )
+        if eval_env is not None:
+            check_env_id(eval_env.id)
         self.env = env
+        # Evaluation plays whole games: a lost life does not end its episodes.
+        self.eval_env = dataclasses.replace(eval_env or env, episodic_life=False)
         probe = make_env(env, seed=seed)
         try:
             observation_space = probe.observation_space
@@ -147,10 +158,9 @@ class ImpalaDataModule(LightningDataModule):
         return DataLoader(dataset, batch_size=None, num_workers=0)
 
     def _episodes(self) -> DataLoader:
-        evaluation_env = dataclasses.replace(self.env, episodic_life=False)
         dataset = EpisodeDataset(
             self.trainer.lightning_module.policy,
-            evaluation_env,
+            self.eval_env,
             episodes=self.hparams.eval_episodes,
             seed=self.hparams.eval_seed,
             greedy=self.hparams.eval_greedy,
