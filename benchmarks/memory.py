@@ -1,0 +1,92 @@
+"""Memory soak: runs `python -m kart_lightning fit` for a while and samples resident memory of the
+learner and of the whole process tree, to show it stays flat after warm-up.
+
+    python benchmarks/memory.py --minutes 30 --warmup_minutes 3 --out mem.json -- \
+        --config configs/atari.yaml --model.torso shallow --data.batch_size 8
+"""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+MIB = 2**20
+
+
+def tree_memory(root: psutil.Process) -> dict:
+    """Learner RSS, and the tree's PSS: shared rollout slots mapped in every process count once."""
+    processes = [root, *root.children(recursive=True)]
+    pss = 0
+    for process in processes:
+        try:
+            pss += process.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return {"learner_rss_mib": root.memory_info().rss / MIB, "tree_pss_mib": pss / MIB,
+            "processes": len(processes)}
+
+
+def drift(samples: list, key: str) -> float:
+    """Largest deviation from the first sample after warm-up, in percent."""
+    first = samples[0][key]
+    return max(abs(sample[key] - first) for sample in samples) / first * 100
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=30.0, help="measured window after warm-up")
+    parser.add_argument("--warmup_minutes", type=float, default=3.0)
+    parser.add_argument("--interval_s", type=float, default=30.0, help="seconds between samples")
+    parser.add_argument("--out", help="write the samples and the summary as JSON")
+    parser.add_argument("fit_args", nargs=argparse.REMAINDER, help="after --: arguments for fit")
+    args = parser.parse_args()
+    fit_args = [a for a in args.fit_args if a != "--"]
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        command = [sys.executable, "-m", "kart_lightning", "fit", *fit_args,
+                   "--model.max_frames", str(10**15), "--trainer.enable_progress_bar", "false",
+                   "--trainer.val_check_interval", str(10**9), "--trainer.default_root_dir", run_dir,
+                   "--checkpoint.dirpath", os.path.join(run_dir, "checkpoints")]
+        trainer = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True)
+        root = psutil.Process(trainer.pid)
+        start = time.monotonic()
+        samples = []
+        try:
+            while time.monotonic() - start < 60 * (args.warmup_minutes + args.minutes):
+                time.sleep(args.interval_s)
+                if trainer.poll() is not None:
+                    raise SystemExit(f"the trainer exited early with code {trainer.returncode}")
+                sample = {"t_s": round(time.monotonic() - start, 1), **tree_memory(root)}
+                print(json.dumps(sample), flush=True)
+                samples.append(sample)
+        finally:
+            if trainer.poll() is None:
+                os.killpg(trainer.pid, signal.SIGINT)
+                trainer.wait(timeout=120)
+
+    steady = [s for s in samples if s["t_s"] >= 60 * args.warmup_minutes]
+    summary = {
+        "fit_args": fit_args,
+        "minutes": args.minutes,
+        "warmup_minutes": args.warmup_minutes,
+        "learner_rss_mib": [steady[0]["learner_rss_mib"], steady[-1]["learner_rss_mib"]],
+        "tree_pss_mib": [steady[0]["tree_pss_mib"], steady[-1]["tree_pss_mib"]],
+        "learner_rss_drift_pct": drift(steady, "learner_rss_mib"),
+        "tree_pss_drift_pct": drift(steady, "tree_pss_mib"),
+    }
+    print(json.dumps(summary, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"summary": summary, "samples": samples}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
