@@ -46,11 +46,13 @@ def main() -> None:
     parser.add_argument("--warmup_minutes", type=float, default=3.0)
     parser.add_argument("--interval_s", type=float, default=30.0, help="seconds between samples")
     parser.add_argument("--out", help="write the samples and the summary as JSON")
+    parser.add_argument("--log_dir", help="keep the run's TensorBoard events and checkpoints here")
     parser.add_argument("fit_args", nargs=argparse.REMAINDER, help="after --: arguments for fit")
     args = parser.parse_args()
     fit_args = [a for a in args.fit_args if a != "--"]
 
-    with tempfile.TemporaryDirectory() as run_dir:
+    with tempfile.TemporaryDirectory() as scratch:
+        run_dir = args.log_dir or scratch
         command = [sys.executable, "-m", "kart_lightning", "fit", *fit_args,
                    "--model.max_frames", str(10**15), "--trainer.enable_progress_bar", "false",
                    "--trainer.val_check_interval", str(10**9), "--trainer.default_root_dir", run_dir,

@@ -3,6 +3,7 @@
 A slot holds one unroll of T+1 steps of one environment; actors write slots, the learner reads them.
 """
 
+import time
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -88,8 +89,9 @@ def empty_batch(buffers: Mapping[str, torch.Tensor], batch_size: int, pin_memory
 class SharedWeights:
     """The latest policy weights in shared memory, with a version (the learner step that made them).
 
-    The learner publishes after its updates; actors copy in when the version moves. The lock keeps
-    an actor from reading a half-written set.
+    The learner publishes after its updates; actors copy in when the version moves. A sequence
+    counter, odd while the learner writes, stands in for a lock: a reader that saw it move copies
+    again, and an actor killed mid-copy cannot leave anything held that would block the learner.
     """
 
     def __init__(self, state: Mapping[str, torch.Tensor], context) -> None:
@@ -97,17 +99,26 @@ class SharedWeights:
             name: tensor.detach().to("cpu", copy=True).share_memory_() for name, tensor in state.items()
         }
         self.version = context.Value("q", 0, lock=False)
-        self.lock = context.Lock()
+        self.sequence = context.Value("q", 0, lock=False)
 
     def publish(self, state: Mapping[str, torch.Tensor], version: int) -> None:
-        with self.lock, torch.no_grad():
+        with torch.no_grad():
+            self.sequence.value += 1
             for name, tensor in state.items():
                 self.tensors[name].copy_(tensor.detach())
             self.version.value = version
+            self.sequence.value += 1
 
     def copy_into(self, state: Mapping[str, torch.Tensor]) -> int:
         """Copy the published weights into ``state`` (tensors aliasing a module's); return their version."""
-        with self.lock, torch.no_grad():
-            for name, tensor in state.items():
-                tensor.copy_(self.tensors[name])
-            return self.version.value
+        with torch.no_grad():
+            while True:
+                before = self.sequence.value
+                if before % 2:
+                    time.sleep(0.0005)
+                    continue
+                for name, tensor in state.items():
+                    tensor.copy_(self.tensors[name])
+                version = self.version.value
+                if self.sequence.value == before:
+                    return version
