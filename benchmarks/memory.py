@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,10 +35,25 @@ def tree_memory(root: psutil.Process) -> dict:
             "processes": len(processes)}
 
 
-def drift(samples: list, key: str) -> float:
-    """Largest deviation from the first sample after warm-up, in percent."""
-    first = samples[0][key]
-    return max(abs(sample[key] - first) for sample in samples) / first * 100
+def trend(samples: list, key: str, window: int = 10) -> float:
+    """Change from the median of the first `window` samples to that of the last, in percent.
+
+    Medians, because a single sample can land mid training step, when activations are alive.
+    """
+    first = statistics.median(sample[key] for sample in samples[:window])
+    last = statistics.median(sample[key] for sample in samples[-window:])
+    return (last - first) / first * 100
+
+
+def stop(trainer: subprocess.Popen) -> None:
+    """Ctrl-C the run's process group; escalate if SIGINT is ignored (as in a background job)."""
+    for sig, wait_s in ((signal.SIGINT, 60), (signal.SIGTERM, 60), (signal.SIGKILL, 30)):
+        os.killpg(trainer.pid, sig)
+        try:
+            trainer.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def main() -> None:
@@ -72,18 +88,18 @@ def main() -> None:
                 samples.append(sample)
         finally:
             if trainer.poll() is None:
-                os.killpg(trainer.pid, signal.SIGINT)
-                trainer.wait(timeout=120)
+                stop(trainer)
 
     steady = [s for s in samples if s["t_s"] >= 60 * args.warmup_minutes]
     summary = {
         "fit_args": fit_args,
         "minutes": args.minutes,
         "warmup_minutes": args.warmup_minutes,
-        "learner_rss_mib": [steady[0]["learner_rss_mib"], steady[-1]["learner_rss_mib"]],
-        "tree_pss_mib": [steady[0]["tree_pss_mib"], steady[-1]["tree_pss_mib"]],
-        "learner_rss_drift_pct": drift(steady, "learner_rss_mib"),
-        "tree_pss_drift_pct": drift(steady, "tree_pss_mib"),
+        "samples_after_warmup": len(steady),
+        "learner_rss_mib_range": [min(s["learner_rss_mib"] for s in steady), max(s["learner_rss_mib"] for s in steady)],
+        "tree_pss_mib_range": [min(s["tree_pss_mib"] for s in steady), max(s["tree_pss_mib"] for s in steady)],
+        "learner_rss_trend_pct": trend(steady, "learner_rss_mib"),
+        "tree_pss_trend_pct": trend(steady, "tree_pss_mib"),
     }
     print(json.dumps(summary, indent=2))
     if args.out:
