@@ -159,15 +159,20 @@ def _make_retro(config: EnvConfig, env_index: int) -> gymnasium.Env:
         ) from None
     if config.id == mario_kart.GAME:
         return _make_mario_kart(config, env_index)
-    env = stable_retro.make(
+    env = _open_emulator(config, env_index, stable_retro.Actions.DISCRETE)
+    env = _skip_frames_and_limit_steps(env, config)
+    return _stack_frames(env, config)
+
+
+def _open_emulator(config: EnvConfig, env_index: int, actions: stable_retro.Actions) -> gymnasium.Env:
+    """The bare stable-retro env of `config`, at its state for env `env_index`."""
+    return stable_retro.make(
         config.id,
         state=_retro_state(config, env_index),
         inttype=_RETRO_INTEGRATIONS,
         render_mode=config.render_mode,
-        use_restricted_actions=stable_retro.Actions.DISCRETE,
+        use_restricted_actions=actions,
     )
-    env = _skip_frames_and_limit_steps(env, config)
-    return _stack_frames(env, config)
 
 
 def _check_mario_kart_config(kart: MarioKartConfig) -> None:
@@ -202,13 +207,7 @@ def _prepare_mario_kart(config: EnvConfig) -> None:
 def _make_mario_kart(config: EnvConfig, env_index: int) -> gymnasium.Env:
     """Super Mario Kart with MarioKartConfig's actions, RAM reward, episode ends and view."""
     kart = config.mario_kart
-    env = stable_retro.make(
-        config.id,
-        state=_retro_state(config, env_index),
-        inttype=_RETRO_INTEGRATIONS,
-        render_mode=config.render_mode,
-        use_restricted_actions=stable_retro.Actions.ALL,
-    )
+    env = _open_emulator(config, env_index, stable_retro.Actions.ALL)
     env = discrete_actions(env, kart.actions)
     # Beneath the frame skip, so that the reward sees every frame's RAM (see RaceRewardWrapper).
     env = RaceRewardWrapper(env, kart, frames_per_step=config.frame_skip)
