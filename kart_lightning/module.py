@@ -90,6 +90,10 @@ class ImpalaModule(LightningModule):
         self.register_buffer("env_frames", torch.zeros((), dtype=torch.int64))
         self.episode_return = RunningMean(window=return_window, nan_strategy="ignore")
         self.episode_length = RunningMean(window=return_window, nan_strategy="ignore")
+        # Races only (Mario Kart): checkpoints passed and laps completed per episode.
+        self.episode_checkpoints = RunningMean(window=return_window, nan_strategy="ignore")
+        self.episode_laps = RunningMean(window=return_window, nan_strategy="ignore")
+        self.race_episodes = 0
         self._throughput = deque(maxlen=50)
         self.episodes = 0
 
@@ -173,6 +177,15 @@ class ImpalaModule(LightningModule):
             self.log("episode/return", self.episode_return.compute(), prog_bar=True, batch_size=batch_size)
             self.log("episode/length", self.episode_length.compute(), batch_size=batch_size)
             self.log("episodes", float(self.episodes), batch_size=batch_size)
+        races = finished & ~torch.isnan(batch["episode_checkpoints"][1:])
+        for value in batch["episode_checkpoints"][1:][races].tolist():
+            self.episode_checkpoints.update(value)
+        for value in batch["episode_laps"][1:][races].tolist():
+            self.episode_laps.update(value)
+        self.race_episodes += int(races.sum())
+        if self.race_episodes:
+            self.log("episode/checkpoints", self.episode_checkpoints.compute(), prog_bar=True, batch_size=batch_size)
+            self.log("episode/laps", self.episode_laps.compute(), batch_size=batch_size)
 
     def _log_episodes(self, prefix: str, batch: dict[str, torch.Tensor]) -> None:
         self.log(f"{prefix}/episode_return", batch["episode_return"], batch_size=1)

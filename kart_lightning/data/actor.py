@@ -124,6 +124,8 @@ class EnvGroup:
         self.prev_action = torch.zeros(n, dtype=torch.int64)
         self.episode_return = torch.full((n,), float("nan"))
         self.episode_length = torch.full((n,), float("nan"))
+        self.episode_checkpoints = torch.full((n,), float("nan"))
+        self.episode_laps = torch.full((n,), float("nan"))
         self.slots: torch.Tensor | None = None
         self.t = 0
 
@@ -160,6 +162,7 @@ class EnvGroup:
             "obs": self.obs, "reward": self.reward, "done": self.done,
             "truncation_value": self.truncation_value, "prev_action": self.prev_action,
             "episode_return": self.episode_return, "episode_length": self.episode_length,
+            "episode_checkpoints": self.episode_checkpoints, "episode_laps": self.episode_laps,
             "action": action, "behaviour_logits": logits,
         }
         for name, value in row.items():
@@ -173,6 +176,8 @@ class EnvGroup:
         self.truncation_value = torch.zeros(n)
         self.episode_return = torch.full((n,), float("nan"))
         self.episode_length = torch.full((n,), float("nan"))
+        self.episode_checkpoints = torch.full((n,), float("nan"))
+        self.episode_laps = torch.full((n,), float("nan"))
         truncated_obs, truncated = [], []
         for i, k in enumerate(range(self.envs.start, self.envs.stop)):
             try:
@@ -188,6 +193,9 @@ class EnvGroup:
             if "episode" in info:
                 self.episode_return[i] = float(info["episode"]["r"])
                 self.episode_length[i] = float(info["episode"]["l"])
+                if "race" in info:
+                    self.episode_checkpoints[i] = float(info["race"]["progress"])
+                    self.episode_laps[i] = float(info["race"]["laps_completed"])
             if terminated or truncated_now:
                 done[i] = True
                 if truncated_now and not terminated:

@@ -29,6 +29,9 @@ def rollout_spec(
       prev_action [T+1] int64: the action that led to obs[t] (a model input, as in the paper).
       episode_return [T+1] float32 and episode_length [T+1] float32: statistics of the episode
         that ended on arriving at obs[t], NaN where none ended.
+      episode_checkpoints [T+1] float32 and episode_laps [T+1] float32: for a race (Mario Kart),
+        the checkpoints passed (net of those driven back) and laps completed in that episode; NaN
+        where none ended or the env is not a race.
     Departure fields (the actor at obs[t]):
       obs [T+1, *obs_shape], action [T+1] int64, behaviour_logits [T+1, A] float32.
     Per slot: core_h, core_c [1, H]: the core state before obs[0]; policy_version []: the learner
@@ -43,6 +46,8 @@ def rollout_spec(
         "prev_action": ((steps,), torch.int64),
         "episode_return": ((steps,), torch.float32),
         "episode_length": ((steps,), torch.float32),
+        "episode_checkpoints": ((steps,), torch.float32),
+        "episode_laps": ((steps,), torch.float32),
         "action": ((steps,), torch.int64),
         "behaviour_logits": ((steps, num_actions), torch.float32),
         "core_h": ((1, core_state_size), torch.float32),
