@@ -137,7 +137,7 @@ def plot_trajectory(
     axes.set_ylim(map_image.shape[0], 0)
     axes.set_axis_off()
     colour_bar = figure.colorbar(line, cax=figure.add_axes((0.82, 0.1, 0.03, 0.8)))
-    colour_bar.set_label("speed (RAM 7E10EA; ~740 flat out)")
+    colour_bar.set_label("speed (RAM 7E10EA, raw units)")
     canvas.draw()
     image = np.asarray(canvas.buffer_rgba())[..., :3].copy()
     if path is not None:
