@@ -3,20 +3,27 @@
 User mistakes are caught here and end in one sentence naming the fix, with exit code 2.
 """
 
+import dataclasses
 import os
 import pickle
 import sys
+from pathlib import Path
 from typing import Any
 
+import gymnasium
 import torch
-from jsonargparse import ArgumentError
-from lightning.pytorch.callbacks import ModelCheckpoint
+from jsonargparse import ArgumentError, ArgumentParser
 from lightning.pytorch.cli import LightningCLI
 
+from kart_lightning.callbacks import EpisodeRecorder, HeldOutEvaluation
 from kart_lightning.data.datamodule import ImpalaDataModule
 from kart_lightning.data.pool import ActorFailed
+from kart_lightning.envs.factory import env_config_from_dict
 from kart_lightning.errors import ConfigError
+from kart_lightning.evaluation import held_out_envs
+from kart_lightning.export import KartCheckpoint
 from kart_lightning.module import ImpalaModule
+from kart_lightning.recording import RecordOptions, record_episode
 
 LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc", "registry")
 # Weights that must match between a checkpoint and the model built from the config.
@@ -27,7 +34,6 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "max_epochs": -1,
     "gradient_clip_val": 40.0,
     "check_val_every_n_epoch": None,
-    "val_check_interval": 1000,
     "num_sanity_val_steps": 0,
     "log_every_n_steps": 10,
 }
@@ -39,7 +45,12 @@ CHECKPOINT_DEFAULTS: dict[str, Any] = {
 
 
 class KartCLI(LightningCLI):
-    """LightningCLI that fills the model's observation shape and action count from the env."""
+    """LightningCLI that fills the model's observation shape and action count from the env.
+
+    During fit, evaluation and recording run in their own processes (`evaluation:` and
+    `recorder:`, see callbacks.py), so Lightning's in-process validation loop is off; `validate`
+    and `test` play their episodes in-process.
+    """
 
     @staticmethod
     def subcommands() -> dict[str, set]:
@@ -48,8 +59,10 @@ class KartCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         # Always one ModelCheckpoint, configured under `checkpoint:`; fit --ckpt_path last finds it.
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(KartCheckpoint, "checkpoint")
         parser.set_defaults(CHECKPOINT_DEFAULTS)
+        parser.add_lightning_class_args(HeldOutEvaluation, "evaluation")
+        parser.add_lightning_class_args(EpisodeRecorder, "recorder")
         parser.link_arguments("data.obs_shape", "model.obs_shape", apply_on="instantiate")
         parser.link_arguments("data.num_actions", "model.num_actions", apply_on="instantiate")
 
@@ -57,14 +70,17 @@ class KartCLI(LightningCLI):
         """Keep the config's hyperparameters rather than the checkpoint's, so a resumed run can
         change max_frames or the lr; `check_checkpoint` refuses a checkpoint of another model."""
 
+    def before_fit(self) -> None:
+        self.trainer.limit_val_batches = 0
+
     def _run_subcommand(self, subcommand: str) -> None:
         check_checkpoint(self.config_init[subcommand].get("ckpt_path"), self.model.hparams)
         super()._run_subcommand(subcommand)
 
 
-def check_checkpoint(ckpt_path: str | None, model_hparams: dict[str, Any]) -> None:
+def check_checkpoint(ckpt_path: str | None, model_hparams: dict[str, Any] | None) -> None:
     """Raise ConfigError unless ckpt_path is empty, a Lightning alias, or a readable checkpoint
-    whose architecture matches the model built from the config."""
+    whose architecture matches the model built from the config (when there is one)."""
     if ckpt_path is None or ckpt_path in LIGHTNING_CKPT_ALIASES:
         return
     if not os.path.isfile(ckpt_path):
@@ -80,6 +96,8 @@ def check_checkpoint(ckpt_path: str | None, model_hparams: dict[str, Any]) -> No
             f"checkpoint {ckpt_path} cannot be read ({type(error).__name__}): pass a .ckpt file "
             "written by kart_lightning fit."
         ) from None
+    if model_hparams is None:
+        return
     differences = [
         f"{key} {saved.get(key)} vs {model_hparams.get(key)}"
         for key in ARCHITECTURE_KEYS
@@ -96,8 +114,45 @@ def list_or_value(value: Any) -> Any:
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def main(args: list[str] | None = None) -> None:
+def record(args: list[str]) -> None:
+    """`record --ckpt_path PATH [--track NAME] [--out FILE]`: one episode of a checkpoint's policy
+    as a GIF (and, for a race, the trajectory PNG beside it), with the checkpoint's eval env."""
+    parser = ArgumentParser(
+        prog="python -m kart_lightning record", exit_on_error=False,
+        description="Record one episode of a trained policy as a GIF at the emulator's full resolution.",
+    )
+    parser.add_argument("--ckpt_path", type=str, required=True, help="a .ckpt file written by fit")
+    parser.add_argument("--track", type=str | None, default=None,
+                        help="state to drive, e.g. MarioCircuit.Act4 (default: the checkpoint's first held-out track)")
+    parser.add_argument("--out", type=str | None, default=None,
+                        help="GIF file to write (default: beside the checkpoint, NAME-TRACK.gif)")
+    parser.add_class_arguments(RecordOptions)
+    config = parser.parse_args(args)
+    check_checkpoint(config.ckpt_path, None)
+    checkpoint = torch.load(config.ckpt_path, map_location="cpu", weights_only=False)
+    data = checkpoint["datamodule_hyper_parameters"]
+    env = env_config_from_dict(data["eval_env"] or data["env"])
+    name, env = held_out_envs(env)[0]
+    if config.track is not None:
+        name, env = config.track, dataclasses.replace(env, retro_state=config.track)
+    out = Path(config.out or Path(config.ckpt_path).with_name(f"{Path(config.ckpt_path).stem}-{Path(name).stem}.gif"))
+    module = ImpalaModule.load_from_checkpoint(config.ckpt_path, map_location="cpu")
+    options = RecordOptions(**{field.name: config[field.name] for field in dataclasses.fields(RecordOptions)})
     try:
+        result = record_episode(module.policy, env, out, options)
+    except gymnasium.error.DependencyNotInstalled as error:
+        raise ConfigError(f"{env.id} cannot render frames: {error}") from None
+    race = f", {result['checkpoints']} checkpoints, {result['laps']} laps" if "checkpoints" in result else ""
+    written = ", ".join(result[key] for key in ("gif", "png") if key in result)
+    print(f"{name}: return {result['return']:.2f} in {result['length']} steps{race}; wrote {written}")
+
+
+def main(args: list[str] | None = None) -> None:
+    args = sys.argv[1:] if args is None else args
+    try:
+        if args[:1] == ["record"]:
+            record(args[1:])
+            return
         KartCLI(
             ImpalaModule,
             ImpalaDataModule,

@@ -1,15 +1,18 @@
 """ImpalaModule: the V-trace actor-critic loss, optimizer and learning-rate schedule around a
 TorchScript policy, with the env-frame counter that bounds a run across resumes."""
 
+import json
 import time
 from collections import deque
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torchmetrics.aggregation import RunningMean
 
+from kart_lightning.evaluation import format_table, scalar_metrics, summarize
 from kart_lightning.losses import vtrace
 from kart_lightning.models import ActorCritic
 
@@ -94,6 +97,7 @@ class ImpalaModule(LightningModule):
         self.episode_checkpoints = RunningMean(window=return_window, nan_strategy="ignore")
         self.episode_laps = RunningMean(window=return_window, nan_strategy="ignore")
         self.race_episodes = 0
+        self._checkpoint_step = 0
         self._throughput = deque(maxlen=50)
         self.episodes = 0
 
@@ -187,15 +191,63 @@ class ImpalaModule(LightningModule):
             self.log("episode/checkpoints", self.episode_checkpoints.compute(), prog_bar=True, batch_size=batch_size)
             self.log("episode/laps", self.episode_laps.compute(), batch_size=batch_size)
 
-    def _log_episodes(self, prefix: str, batch: dict[str, torch.Tensor]) -> None:
-        self.log(f"{prefix}/episode_return", batch["episode_return"], batch_size=1)
-        self.log(f"{prefix}/episode_length", batch["episode_length"], batch_size=1)
+    # validate and test: one whole episode per step (see EpisodeDataset), summed up per track.
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._log_episodes("val", batch)
+    def on_validation_epoch_start(self) -> None:
+        self._episode_results: list[dict[str, Any]] = []
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._log_episodes("test", batch)
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._episode_results.append(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_summary("val", summarize(self._episode_results))
+
+    def on_test_epoch_start(self) -> None:
+        self._episode_results = []
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._episode_results.append(batch)
+
+    def on_test_epoch_end(self) -> None:
+        """Print the per-track table and write it, with every episode, to JSON beside the
+        checkpoint tested (or in the log folder when no checkpoint was given)."""
+        summary = summarize(self._episode_results)
+        self._log_summary("test", summary)
+        if not self.trainer.is_global_zero:
+            return
+        table = format_table(summary)
+        ckpt_path = self.trainer.ckpt_path
+        if ckpt_path:
+            report_path = Path(ckpt_path).with_suffix(".test.json")
+        else:
+            report_path = Path(self.trainer.log_dir or ".") / "test.json"
+        report = {
+            "checkpoint": ckpt_path,
+            "global_step": self.trained_steps,
+            "env_frames": int(self.env_frames),
+            "tracks": summary,
+            "episodes": self._episode_results,
+        }
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        report_path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nHeld-out evaluation of {ckpt_path or 'the untrained policy'}:\n{table}\nWritten to {report_path}")
+        experiment = getattr(self.logger, "experiment", None)
+        if hasattr(experiment, "add_text"):
+            # Markdown renders a code block as fixed width, so the columns stay aligned.
+            experiment.add_text("test/table", "    " + table.replace("\n", "\n    "), self.trained_steps)
+
+    @property
+    def trained_steps(self) -> int:
+        """Learner steps behind these weights: `test` and `validate` load a checkpoint's weights
+        but leave the trainer's step count at 0."""
+        return max(self.global_step, self._checkpoint_step)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._checkpoint_step = int(checkpoint.get("global_step", 0))
+
+    def _log_summary(self, prefix: str, summary: dict[str, dict[str, Any]]) -> None:
+        for name, value in scalar_metrics(prefix, summary).items():
+            self.log(name, value)
 
     def configure_optimizers(self):
         hp = self.hparams

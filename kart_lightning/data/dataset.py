@@ -3,14 +3,15 @@ played in-process by the current policy."""
 
 import itertools
 from collections.abc import Callable, Iterator
+from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
 from kart_lightning.data.pool import ActorPool
 from kart_lightning.data.rollout import empty_batch, stack_slots
-from kart_lightning.envs import EnvConfig, make_env
+from kart_lightning.envs import EnvConfig
+from kart_lightning.evaluation import held_out_envs, play_tracks
 
 
 class TrajectoryDataset(IterableDataset):
@@ -55,8 +56,9 @@ class TrajectoryDataset(IterableDataset):
 
 
 class EpisodeDataset(IterableDataset):
-    """Plays `episodes` whole episodes with the policy, one env in this process, and yields one
-    dict per episode: episode_return and episode_length (env frames), as 0-d tensors."""
+    """Plays `episodes` whole episodes on each held-out track of `env` with the policy, in this
+    process, and yields one result dict per episode (see evaluation.play_episode): track, seed,
+    return, length and, for races, checkpoints, laps, finished, race time and best lap."""
 
     def __init__(
         self, policy: torch.jit.ScriptModule, env: EnvConfig, episodes: int, seed: int, greedy: bool
@@ -68,36 +70,7 @@ class EpisodeDataset(IterableDataset):
         self.greedy = greedy
 
     def __len__(self) -> int:
-        return self.episodes
+        return self.episodes * len(held_out_envs(self.env))
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        env = make_env(self.env, seed=self.seed)
-        device = next(self.policy.parameters()).device
-        try:
-            for episode in range(self.episodes):
-                yield self._play(env, self.seed + episode, device)
-        finally:
-            env.close()
-
-    @torch.no_grad()
-    def _play(self, env, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
-        obs, _ = env.reset(seed=seed)
-        core_state = self.policy.initial_state(1)
-        action = torch.zeros(1, dtype=torch.int64, device=device)
-        reward = torch.zeros(1, device=device)
-        done = torch.ones(1, dtype=torch.bool, device=device)
-        total_reward, steps = 0.0, 0
-        while True:
-            frame = torch.from_numpy(np.asarray(obs)).unsqueeze(0).to(device)
-            action, _, _, core_state = self.policy.act(frame, action, reward, done, core_state, self.greedy)
-            obs, step_reward, terminated, truncated, info = env.step(int(action))
-            total_reward += float(step_reward)
-            steps += 1
-            reward.fill_(float(step_reward))
-            done.fill_(False)
-            if terminated or truncated:
-                stats = info.get("episode", {"r": total_reward, "l": steps})
-                return {
-                    "episode_return": torch.tensor(float(stats["r"])),
-                    "episode_length": torch.tensor(float(stats["l"])),
-                }
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return play_tracks(self.policy, self.env, self.episodes, self.seed, self.greedy)

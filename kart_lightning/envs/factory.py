@@ -7,7 +7,7 @@ import difflib
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import ale_py
 import gymnasium
@@ -81,6 +81,17 @@ class EnvConfig:
     retro_state: str | list[str] | None = None
     render_mode: str | None = None
     mario_kart: MarioKartConfig = field(default_factory=MarioKartConfig)
+
+
+def env_config_from_dict(value: "EnvConfig | dict[str, Any]") -> EnvConfig:
+    """An EnvConfig from its dict form (as a checkpoint's datamodule hyperparameters hold it)."""
+    if isinstance(value, EnvConfig):
+        return value
+    fields = dict(value)
+    kart = fields.pop("mario_kart", None)
+    if kart is not None and not isinstance(kart, MarioKartConfig):
+        kart = MarioKartConfig(**dict(kart))
+    return EnvConfig(**fields, **({"mario_kart": kart} if kart is not None else {}))
 
 
 def check_env_id(env_id: str) -> EnvKind:

@@ -1,0 +1,192 @@
+"""Evaluation on held-out envs: the `test` table and JSON, evaluation during fit in its own process,
+recordings, and the exported TorchScript policy. Mario Kart recordings are in test_mario_kart_eval.py."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from kart_lightning.callbacks import HeldOutEvaluation
+from kart_lightning.data.datamodule import ImpalaDataModule
+from kart_lightning.envs import EnvConfig
+from kart_lightning.evaluation import format_table, summarize
+from kart_lightning.export import KartCheckpoint, policy_path
+from kart_lightning.module import ImpalaModule
+from kart_lightning.recording import RecordOptions, record_episode
+
+REPO = Path(__file__).resolve().parents[1]
+CARTPOLE = EnvConfig(id="CartPole-v1")
+STEPS = 60
+
+
+def kart(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "kart_lightning", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout_s, check=False,
+    )
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A short CartPole fit: STEPS learner steps, checkpoints and exported policies."""
+    run_dir = tmp_path_factory.mktemp("cartpole")
+    kart("fit", "--config", "configs/cartpole.yaml", "--model.max_frames", str(STEPS * 320),
+         "--checkpoint.dirpath", str(run_dir / "checkpoints"), "--trainer.default_root_dir", str(run_dir),
+         "--trainer.enable_progress_bar", "false")
+    return run_dir
+
+
+# test
+
+
+def test_test_prints_a_table_and_writes_json_beside_the_checkpoint(run_dir):
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    result = kart("test", "--config", "configs/cartpole.yaml", "--ckpt_path", str(checkpoint),
+                  "--data.eval_episodes", "3", "--data.eval_seed", "7", "--data.eval_greedy", "false",
+                  "--trainer.default_root_dir", str(run_dir), "--trainer.enable_progress_bar", "false")
+    header = next(line for line in result.stdout.splitlines() if line.startswith("track"))
+    assert header.split()[:5] == ["track", "episodes", "return", "mean", "min"]
+    assert any(line.startswith("CartPole-v1 ") for line in result.stdout.splitlines())
+
+    report = json.loads(checkpoint.with_suffix(".test.json").read_text())
+    assert report["checkpoint"] == str(checkpoint) and report["global_step"] == STEPS
+    row = report["tracks"]["CartPole-v1"]
+    assert row["episodes"] == 3
+    assert 1 <= row["return_min"] <= row["return_mean"] <= row["return_max"] <= 500
+    # CartPole pays 1 per step: the return is the length.
+    assert row["length_mean"] == pytest.approx(row["return_mean"])
+    assert [episode["seed"] for episode in report["episodes"]] == [7, 8, 9]
+    assert "checkpoints_mean" not in row, "race columns only for races"
+
+
+def test_summary_and_table_of_races_hold_checkpoints_laps_finish_and_times():
+    races = [
+        {"track": "MarioCircuit.Act4", "seed": 0, "return": 60.0, "length": 900, "checkpoints": 150,
+         "laps": 5, "finished": True, "race_time_s": 95.5, "best_lap_s": 18.2},
+        {"track": "MarioCircuit.Act4", "seed": 1, "return": 20.0, "length": 400, "checkpoints": 40,
+         "laps": 1, "finished": False, "race_time_s": 40.0, "best_lap_s": 19.0},
+        {"track": "DonutPlains.Act1", "seed": 0, "return": -3.0, "length": 150, "checkpoints": 2,
+         "laps": 0, "finished": False, "race_time_s": 9.0, "best_lap_s": None},
+    ]
+    summary = summarize(races)
+    assert summary["MarioCircuit.Act4"] == {
+        "episodes": 2, "return_mean": 40.0, "return_min": 20.0, "return_max": 60.0, "length_mean": 650.0,
+        "checkpoints_mean": 95.0, "laps_mean": 3.0, "finished": 1, "race_time_s_mean": 95.5, "best_lap_s": 18.2,
+    }
+    assert summary["DonutPlains.Act1"]["best_lap_s"] is None
+    table = format_table(summary).splitlines()
+    assert table[0].split() == ["track", "episodes", "return", "mean", "min", "max", "steps", "checkpoints",
+                                "laps", "finished", "race", "time", "s", "best", "lap", "s"]
+    assert table[3].split()[-2:] == ["-", "-"]
+
+
+# Evaluation during fit
+
+
+class StepWatch(HeldOutEvaluation):
+    """Counts the learner steps taken while an evaluation was in flight."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.steps_while_evaluating = 0
+        self.replies = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.worker.pending is not None:
+            self.steps_while_evaluating += 1
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def handle_reply(self, trainer, reply):
+        self.replies.append(reply)
+        super().handle_reply(trainer, reply)
+
+
+def test_evaluation_runs_in_its_own_process_while_training_goes_on_and_feeds_model_checkpoint(tmp_path):
+    data = ImpalaDataModule(env=CARTPOLE, num_actors=1, unroll_length=5, batch_size=2, eval_episodes=20)
+    model = ImpalaModule(obs_shape=data.obs_shape, num_actions=data.num_actions, torso="mlp", hidden_size=16)
+    evaluation = StepWatch(every_n_steps=10, final_wait_s=300)
+    best = KartCheckpoint(dirpath=tmp_path / "checkpoints", monitor="val/episode_return", mode="max",
+                          every_n_train_steps=10, save_top_k=1)
+    trainer = Trainer(default_root_dir=tmp_path, max_steps=300, logger=False, enable_progress_bar=False,
+                      callbacks=[evaluation, best])
+    trainer.fit(model, datamodule=data)
+
+    assert evaluation.replies, "no evaluation came back"
+    assert {reply["pid"] for reply in evaluation.replies}.isdisjoint({os.getpid()})
+    assert evaluation.steps_while_evaluating >= 20, "training waited for the evaluation"
+    assert trainer.callback_metrics["val/CartPole-v1/episodes"] == 20
+    assert 1 <= float(trainer.callback_metrics["val/episode_return"]) <= 500
+    assert best.best_model_score is not None and Path(best.best_model_path).is_file()
+    assert policy_path(best.best_model_path).is_file()
+    assert evaluation.worker.process is None, "the worker is stopped with fit"
+
+
+# Recording
+
+
+def test_record_writes_a_full_resolution_gif_of_an_atari_episode(tmp_path):
+    torch.manual_seed(0)
+    pong = EnvConfig(id="ALE/Pong-v5")
+    model = ImpalaModule(obs_shape=[4, 84, 84], num_actions=6, torso="shallow", hidden_size=32)
+    gif = tmp_path / "pong.gif"
+    result = record_episode(model.policy, pong, gif, RecordOptions(fps=15, max_frames=40, seed=3))
+    frames = iio.imread(gif, index=None)
+    assert frames.shape[:3] == (40, 210, 160), "40 frames at the Atari screen's full resolution"
+    assert len(np.unique(frames[-1].reshape(-1, frames.shape[-1]), axis=0)) > 2
+    assert result["length"] > 40 and result["return"] <= 0
+    assert "png" not in result, "no map outside races"
+
+
+def test_record_command_refuses_a_missing_checkpoint_in_one_line():
+    result = subprocess.run([sys.executable, "-m", "kart_lightning", "record", "--ckpt_path", "missing.ckpt"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("kart_lightning: error: checkpoint missing.ckpt does not exist")
+    assert "Traceback" not in result.stderr
+
+
+# Export
+
+
+EXPORT_CHECK = r"""
+import json, sys, torch
+extra = {"kart_lightning.json": ""}
+policy = torch.jit.load(sys.argv[1], _extra_files=extra)
+inputs = torch.load(sys.argv[2])
+state = policy.initial_state(inputs["obs"].shape[0])
+action, logits, value, state = policy.act(inputs["obs"], inputs["prev_action"], inputs["reward"], inputs["done"], state, True)
+assert "kart_lightning" not in sys.modules
+torch.save({"action": action, "logits": logits, "metadata": json.loads(extra["kart_lightning.json"])}, sys.argv[3])
+"""
+
+
+def test_exported_policy_runs_in_a_fresh_interpreter_without_the_project_and_acts_like_the_module(run_dir, tmp_path):
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    exported = policy_path(checkpoint)
+    assert exported.name == "last.policy.pt" and exported.is_file()
+    generator = torch.Generator().manual_seed(0)
+    inputs = {"obs": torch.randn(64, 4, generator=generator), "prev_action": torch.randint(0, 2, (64,), generator=generator),
+              "reward": torch.ones(64), "done": torch.zeros(64, dtype=torch.bool)}
+    torch.save(inputs, tmp_path / "inputs.pt")
+    # A fresh interpreter started outside the repository, so kart_lightning cannot be imported by accident.
+    subprocess.run([sys.executable, "-c", EXPORT_CHECK, str(exported), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+                   cwd=tmp_path, check=True, timeout=120, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    out = torch.load(tmp_path / "out.pt")
+
+    module = ImpalaModule.load_from_checkpoint(checkpoint, map_location="cpu")
+    with torch.no_grad():
+        action, logits, _, _ = module.policy.act(inputs["obs"], inputs["prev_action"], inputs["reward"], inputs["done"],
+                                                 module.policy.initial_state(64), True)
+    assert torch.equal(out["action"], action)
+    torch.testing.assert_close(out["logits"], logits)
+    assert out["metadata"]["obs_shape"] == [4] and out["metadata"]["num_actions"] == 2
+    assert out["metadata"]["learner_step"] == STEPS and out["metadata"]["env"]["id"] == "CartPole-v1"
