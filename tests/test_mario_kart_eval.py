@@ -1,0 +1,66 @@
+"""Held-out evaluation of a Mario Kart policy with the real game: the `test` table and JSON with race
+columns, and the `record` command's GIF and trajectory plot. Skipped without the ROM (see
+tests/test_mario_kart.py for where it is looked for)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+from test_mario_kart import in_rom_cache, rom_cache  # noqa: F401 - fixtures
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def kart(cache: Path, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "kart_lightning", *args], cwd=REPO, capture_output=True, text=True,
+        timeout=600, check=False, env={**os.environ, "KART_LIGHTNING_CACHE": str(cache)},
+    )
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def checkpoint(rom_cache: Path, tmp_path_factory) -> Path:  # noqa: F811 - the imported fixture
+    """configs/impala.yaml trained for 2 learner steps: a real, barely trained checkpoint."""
+    run_dir = tmp_path_factory.mktemp("impala")
+    kart(rom_cache, "fit", "--config", "configs/impala.yaml", "--model.max_frames", "2560",
+         "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(run_dir),
+         "--checkpoint.dirpath", str(run_dir / "checkpoints"))
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def test_test_on_the_held_out_track_reports_race_results(checkpoint: Path, rom_cache: Path) -> None:  # noqa: F811
+    result = kart(rom_cache, "test", "--config", "configs/impala.yaml", "--ckpt_path", str(checkpoint),
+                  "--data.eval_episodes", "1", "--trainer.enable_progress_bar", "false",
+                  "--trainer.default_root_dir", str(checkpoint.parent.parent))
+    row = next(line for line in result.stdout.splitlines() if line.startswith("MarioCircuit.Act4 "))
+    assert len(row.split()) == 11, row
+    report = json.loads(checkpoint.with_suffix(".test.json").read_text())
+    track = report["tracks"]["MarioCircuit.Act4"]
+    assert set(track) == {"episodes", "return_mean", "return_min", "return_max", "length_mean",
+                          "checkpoints_mean", "laps_mean", "finished", "race_time_s_mean", "best_lap_s"}
+    episode = report["episodes"][0]
+    # A barely trained kart: no lap, no finish, the race clock ran while it drove.
+    assert episode["laps"] == 0 and not episode["finished"] and episode["best_lap_s"] is None
+    assert 0 < episode["race_time_s"] < 300 and episode["length"] > 10
+
+
+def test_record_writes_a_full_resolution_gif_and_the_trajectory_over_the_map(
+    checkpoint: Path, rom_cache: Path, tmp_path: Path  # noqa: F811
+) -> None:
+    gif = tmp_path / "act4.gif"
+    result = kart(rom_cache, "record", "--ckpt_path", str(checkpoint), "--track", "MarioCircuit.Act4",
+                  "--out", str(gif), "--max_frames", "30", "--fps", "15")
+    assert "MarioCircuit.Act4: return" in result.stdout
+    frames = iio.imread(gif, index=None)
+    assert frames.shape[:3] == (30, 224, 256), "the SNES screen, driver's view and minimap"
+    assert iio.immeta(gif)["duration"] in (60, 70), "15 frames/s, in GIF's centiseconds"
+    plot = iio.imread(gif.with_suffix(".png"))
+    assert plot.shape[0] > 300 and plot.shape[1] > 300
+    assert len(np.unique(plot[..., :3].reshape(-1, 3), axis=0)) > 100, "a map, not a blank canvas"
