@@ -190,3 +190,26 @@ def test_exported_policy_runs_in_a_fresh_interpreter_without_the_project_and_act
     torch.testing.assert_close(out["logits"], logits)
     assert out["metadata"]["obs_shape"] == [4] and out["metadata"]["num_actions"] == 2
     assert out["metadata"]["learner_step"] == STEPS and out["metadata"]["env"]["id"] == "CartPole-v1"
+
+
+def test_recorder_writes_a_gif_under_the_run_folder_and_logs_it_to_tensorboard(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from kart_lightning.callbacks import EpisodeRecorder
+
+    airstriker = EnvConfig(id="Airstriker-Genesis-v0")
+    data = ImpalaDataModule(env=airstriker, num_actors=1, unroll_length=5, batch_size=1)
+    model = ImpalaModule(obs_shape=data.obs_shape, num_actions=data.num_actions, torso="shallow", hidden_size=32)
+    recorder = EpisodeRecorder(every_n_steps=2, max_frames=20, final_wait_s=300)
+    logger = TensorBoardLogger(tmp_path, name="run")
+    trainer = Trainer(default_root_dir=tmp_path, max_steps=4, logger=logger, enable_checkpointing=False,
+                      enable_progress_bar=False, callbacks=[recorder])
+    trainer.fit(model, datamodule=data)
+
+    gifs = list(Path(logger.log_dir, "recordings").glob("step_2-Airstriker-Genesis-v0.gif"))
+    assert len(gifs) == 1
+    assert iio.imread(gifs[0], index=None).shape[:3] == (20, 224, 320), "Genesis screens at full resolution"
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert [image.step for image in events.Images("record/gif")] == [2]
