@@ -178,6 +178,11 @@ def test_stable_retro_finds_the_imported_rom(in_rom_cache: Path) -> None:
 # Tracks and menus
 
 
+def test_the_tracks_are_the_twenty_courses_of_the_four_cups() -> None:
+    places = sorted((track.cup, track.course) for track in TRACKS)
+    assert places == [(cup, course) for cup in range(4) for course in range(5)]
+
+
 def test_every_track_has_its_own_course_id_and_course_select_place() -> None:
     assert len({track.course_id for track in TRACKS}) == len(TRACKS)
     assert len({(track.cup, track.course) for track in TRACKS}) == len(TRACKS)
@@ -214,6 +219,11 @@ def test_grid_problems_name_each_variable_that_is_off_the_grid() -> None:
 # Track states
 
 
+def test_the_trophy_save_starts_with_the_sum_of_its_two_words() -> None:
+    assert states.trophy_save(bytes((1, 1, 1, 0))) == bytes((2, 1, 1, 1, 1, 0))
+    assert states.trophy_save(bytes((255, 255, 255, 255))) == bytes((254, 255, 255, 255, 255, 255))
+
+
 @needs_rom
 def test_a_made_state_is_cached_outside_the_repository(in_rom_cache: Path) -> None:
     path = states.state_path("MarioCircuit.Act1")
@@ -235,6 +245,19 @@ def test_the_env_factory_starts_a_state_by_name_on_the_grid_of_its_track(in_rom_
     finally:
         env.close()
     assert states.grid_problems(info, get_track("MarioCircuit.Act1")) == []
+
+
+@needs_rom
+def test_every_track_special_cup_included_gets_a_state_on_its_grid(in_rom_cache: Path) -> None:
+    names = [track.name for track in TRACKS]
+    states.make_states(names)
+    for name in names:
+        env = make_env(EnvConfig(id=GAME, retro_state=name))
+        try:
+            info = env.unwrapped.data.lookup_all()
+        finally:
+            env.close()
+        assert states.grid_problems(info, get_track(name)) == [], name
 
 
 @needs_rom

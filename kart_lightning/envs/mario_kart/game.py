@@ -34,3 +34,16 @@ DRIVER_VIEW_ROWS = (3, 107)
 """Rows [start, stop) of the 224x256 screen showing the driver's view: rows 0-2 are always black,
 107-114 the black band above the minimap (or rear view) that fills the lower half. Measured on six
 tracks; Ghost Valley's dark floor adds black rows inside both halves, never at these bounds."""
+
+SAVE_BLOCK = 0x206000
+"""The key of the cartridge's 2 KiB battery save in stable-retro's `env.data.memory.blocks`."""
+
+SAVE_TROPHIES = 0x7F0
+"""Save offset of the GP trophies, six bytes: a <u2 checksum, the sum (mod 2**16) of the two <u2
+words that follow, then one byte per cup (Mushroom, Flower, Star, Special), two bits per class in
+each. The game reads the save directly, and power-on wipes all six bytes if the sum fails."""
+
+SPECIAL_CUP_TROPHIES = bytes((1, 1, 1, 0))
+"""Gold (1 in a cup byte's low two bits, the 100cc class) in the Mushroom, Flower and Star Cups:
+with these trophies saved, the course select lists the Special Cup. Gold in all four cups also
+offers 150cc; 2 or 3 in those bits (presumably silver and bronze) unlock nothing."""

@@ -36,7 +36,7 @@ POWER_ON_TO_COURSE_SELECT: tuple[MenuStep, ...] = (
 
 
 def course_select_steps(cup: int, course: int) -> tuple[MenuStep, ...]:
-    """From the course select to the race loading: cup 0-2 (Mushroom, Flower, Star), course 0-4.
+    """From the course select to the race loading: cup 0-3 (Mushroom, Flower, Star, Special), course 0-4.
 
     The cursor starts in the course column; LEFT moves it to the cup column, where DOWN picks the
     cup and B returns to that cup's course column.

@@ -1,5 +1,7 @@
 """Makes, checks and caches the Time Trial start states of Super Mario Kart from the user's ROM.
 
+All four cups: the battery save is given the trophies that unlock the Special Cup before the menus.
+
 Usage: `python -m kart_lightning.envs.mario_kart.states [--tracks NAME ...] [--force] [--contact-sheet PNG]`.
 """
 
@@ -14,7 +16,12 @@ import numpy as np
 import stable_retro
 from PIL import Image, ImageDraw
 
-from kart_lightning.envs.mario_kart.game import LAP_ON_GRID
+from kart_lightning.envs.mario_kart.game import (
+    LAP_ON_GRID,
+    SAVE_BLOCK,
+    SAVE_TROPHIES,
+    SPECIAL_CUP_TROPHIES,
+)
 from kart_lightning.envs.mario_kart.import_rom import require_rom
 from kart_lightning.envs.mario_kart.menus import (
     POWER_ON_TO_COURSE_SELECT,
@@ -51,6 +58,18 @@ def _make_emulator() -> stable_retro.RetroEnv:
     )
     env.reset()
     return env
+
+
+def trophy_save(trophies: bytes) -> bytes:
+    """The six save bytes at SAVE_TROPHIES holding `trophies` (one byte per cup), checksum first."""
+    checksum = sum(np.frombuffer(trophies, "<u2").tolist()) % 2**16
+    return checksum.to_bytes(2, "little") + trophies
+
+
+def _unlock_special_cup(env: stable_retro.RetroEnv) -> None:
+    """Save the trophies that list the Special Cup, as if won; the game reads them in the menus."""
+    for offset, value in enumerate(trophy_save(SPECIAL_CUP_TROPHIES)):
+        env.data.memory.assign(SAVE_BLOCK + SAVE_TROPHIES + offset, "|u1", value)
 
 
 def _play(env: stable_retro.RetroEnv, steps: Iterable[MenuStep]) -> None:
@@ -133,6 +152,7 @@ def make_states(names: Sequence[str], force: bool = False) -> dict[str, Path]:
         return paths
     env = _make_emulator()
     try:
+        _unlock_special_cup(env)
         _play(env, POWER_ON_TO_COURSE_SELECT)
         course_select = env.em.get_state()
         for track in missing:

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 from kart_lightning.errors import ConfigError
 
-CUPS = ("Mushroom Cup", "Flower Cup", "Star Cup")
-"""The cups a fresh save offers; the Special Cup stays locked until a 100cc GP is won."""
+CUPS = ("Mushroom Cup", "Flower Cup", "Star Cup", "Special Cup")
+"""The cups of the course select; the Special Cup is listed once the save holds the 100cc golds of
+the other three (the state maker writes them: see game.SPECIAL_CUP_TROPHIES)."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,11 @@ TRACKS: tuple[Track, ...] = (
     Track("VanillaLake.Act1", cup=2, course=2, course_id=12),
     Track("BowserCastle.Act3", cup=2, course=3, course_id=9),
     Track("MarioCircuit.Act4", cup=2, course=4, course_id=14),
+    Track("DonutPlains.Act3", cup=3, course=0, course_id=11),
+    Track("KoopaBeach.Act2", cup=3, course=1, course_id=6),
+    Track("GhostValley.Act3", cup=3, course=2, course_id=8),
+    Track("VanillaLake.Act2", cup=3, course=3, course_id=4),
+    Track("RainbowRoad", cup=3, course=4, course_id=5),
 )
 TRACKS_BY_NAME = {track.name: track for track in TRACKS}
 
