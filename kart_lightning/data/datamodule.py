@@ -70,9 +70,10 @@ class ImpalaDataModule(LightningDataModule):
             max_actor_failures: An actor that dies this many times in a row before finishing an
                 unroll stops the run; dead actors are otherwise restarted.
             rollout_timeout_s: Give up (with an error) when no trajectory arrives for this long.
-            eval_env: The environment `validate` and `test` play (for example a held-out track);
-                default the training env.
-            eval_episodes: Episodes played by `validate` and `test`.
+            eval_env: The held-out environment that `validate`, `test` and the evaluation and
+                recording callbacks play; each state of a `retro_state` list is one held-out
+                track (e.g. [MarioCircuit.Act4, DonutPlains.Act1]). Default: the training env.
+            eval_episodes: Episodes per held-out track.
             eval_seed: First seed of the evaluation episodes (held out from training seeds).
             eval_greedy: Act greedily (argmax) in evaluation instead of sampling.
         """
