@@ -27,9 +27,9 @@ from kart_lightning.envs.factory import EnvConfig, _retro_state, check_env_id, m
 from kart_lightning.envs.mario_kart import import_rom, states
 from kart_lightning.envs.mario_kart.actions import ACTION_SETS, SNES_BUTTONS, button_table, discrete_actions
 from kart_lightning.envs.mario_kart.game import AIRBORNE, DRIVER_VIEW_ROWS
-from kart_lightning.envs.mario_kart.menus import course_select_steps
+from kart_lightning.envs.mario_kart.menus import course_select_steps, gp_cup_select_steps
 from kart_lightning.envs.mario_kart.paths import GAME, PACKAGE_INTEGRATION_DIR, user_game_dir
-from kart_lightning.envs.mario_kart.tracks import TRACKS, get_track
+from kart_lightning.envs.mario_kart.tracks import GP50_STARTS, TRACKS, get_start_state, get_track
 from kart_lightning.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,14 +206,46 @@ def test_course_select_presses_down_once_per_cup_and_once_per_course() -> None:
 def test_grid_problems_name_each_variable_that_is_off_the_grid() -> None:
     on_grid = {
         "track": 7, "lap": 127, "clock_minutes": 0, "clock_seconds": 0, "clock_centiseconds": 0,
-        "checkpoint": 29, "checkpoint_count": 30, "speed": 0,
+        "checkpoint": 29, "checkpoint_count": 30, "speed": 0, "rank": 0, "coins": 0,
     }  # fmt: skip
-    assert states.grid_problems(on_grid, get_track("MarioCircuit.Act1")) == []
+    assert states.grid_problems(on_grid, get_start_state("MarioCircuit.Act1")) == []
     moved = {**on_grid, "lap": 128, "checkpoint": 0}
-    assert states.grid_problems(moved, get_track("MarioCircuit.Act1")) == [
+    assert states.grid_problems(moved, get_start_state("MarioCircuit.Act1")) == [
         "lap is 128, expected 127",
         "checkpoint is 0, expected 29",
     ]
+
+
+def test_a_gp50_grid_is_three_checkpoints_behind_the_line_in_8th_place_with_5_coins() -> None:
+    gp_grid = {
+        "track": 7, "lap": 127, "clock_minutes": 0, "clock_seconds": 0, "clock_centiseconds": 0,
+        "checkpoint": 27, "checkpoint_count": 30, "speed": 0, "rank": 14, "coins": 5,
+    }  # fmt: skip
+    assert states.grid_problems(gp_grid, get_start_state("MarioCircuit.Act1.GP50")) == []
+    assert states.grid_problems(gp_grid, get_start_state("MarioCircuit.Act1")) == [
+        "checkpoint is 27, expected 29",
+        "rank is 14, expected 0",
+        "coins is 5, expected 0",
+    ]
+
+
+def test_the_gp50_starts_are_the_first_course_of_each_of_the_three_50cc_cups() -> None:
+    assert [start.name for start in GP50_STARTS] == [
+        "MarioCircuit.Act1.GP50",
+        "ChocoIsland.Act1.GP50",
+        "KoopaBeach.Act1.GP50",
+    ]
+
+
+def test_a_gp50_start_off_a_cup_opener_is_a_config_error() -> None:
+    # Later races are reached only by finishing the ones before; 50cc has no Special Cup.
+    for name in ("DonutPlains.Act1.GP50", "DonutPlains.Act3.GP50"):
+        with pytest.raises(ConfigError, match="MarioCircuit.Act1.GP50"):
+            get_start_state(name)
+
+
+def test_gp_cup_select_presses_down_once_per_cup_then_b() -> None:
+    assert [step.buttons for step in gp_cup_select_steps(cup=2)] == [("DOWN",), ("DOWN",), ("B",)]
 
 
 # Track states
@@ -244,7 +276,7 @@ def test_the_env_factory_starts_a_state_by_name_on_the_grid_of_its_track(in_rom_
         info = env.unwrapped.data.lookup_all()
     finally:
         env.close()
-    assert states.grid_problems(info, get_track("MarioCircuit.Act1")) == []
+    assert states.grid_problems(info, get_start_state("MarioCircuit.Act1")) == []
 
 
 @needs_rom
@@ -257,7 +289,22 @@ def test_every_track_special_cup_included_gets_a_state_on_its_grid(in_rom_cache:
             info = env.unwrapped.data.lookup_all()
         finally:
             env.close()
-        assert states.grid_problems(info, get_track(name)) == [], name
+        assert states.grid_problems(info, get_start_state(name)) == [], name
+
+
+@needs_rom
+def test_every_gp50_start_gets_a_state_on_its_grid_behind_the_cpu_drivers(in_rom_cache: Path) -> None:
+    names = [start.name for start in GP50_STARTS]
+    paths = states.make_states(names)
+    for name in names:
+        assert paths[name].name == f"{name}.state"
+        env = make_env(EnvConfig(id=GAME, retro_state=name))
+        try:
+            info = env.unwrapped.data.lookup_all()
+        finally:
+            env.close()
+        # grid_problems checks 8th place (RAM rank 14): seven CPU drivers start ahead.
+        assert states.grid_problems(info, get_start_state(name)) == [], name
 
 
 @needs_rom
@@ -389,6 +436,23 @@ def test_accelerating_from_the_grid_earns_progress_reward(in_rom_cache: Path) ->
     # 100 frames with B held: over the line (checkpoint 29 -> 0) and on to checkpoint 1.
     assert sum(rewards) == 2.0
     assert infos[-1]["race"]["progress"] == 2 and infos[-1]["race"]["speed"] > 600
+
+
+@needs_rom
+def test_accelerating_from_a_gp50_grid_crosses_the_line_and_earns_progress_reward(in_rom_cache: Path) -> None:
+    env = make_env(
+        EnvConfig(
+            id=GAME, retro_state="MarioCircuit.Act1.GP50", mario_kart=MarioKartConfig(actions="drive_item")
+        )
+    )
+    try:
+        rewards, infos = _drive(env, [("accelerate", 45)])
+    finally:
+        env.close()
+    # 180 frames with B held past the CPU drivers' slots: checkpoints 27, 28, 29, over the line to 0
+    # and on to 1, with no lap reward for the start (lap 127 -> 128).
+    assert sum(rewards) == 4.0
+    assert infos[-1]["race"]["progress"] == 4 and infos[-1]["lap"] == 128
 
 
 @needs_rom

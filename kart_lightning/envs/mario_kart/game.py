@@ -6,6 +6,18 @@ Source: the USA ROM in stable-retro 1.0.1, read through data.json's variables (s
 LAP_ON_GRID = 127
 """RAM `lap` before the start line is first crossed; 128 while lap 1 is driven, 133 at the finish."""
 
+GRID_CHECKPOINTS_BEHIND_LINE = 1
+GP_GRID_CHECKPOINTS_BEHIND_LINE = 3
+"""RAM `checkpoint` on the grid is `checkpoint_count` minus these (the line is checkpoint 0): in
+a Time Trial, and in a GP cup's first race, where Mario starts last of eight, further back."""
+
+GP_START_RANK = 14
+"""RAM `rank` of Mario on the grid of a GP cup's first race: 8th, as the HUD shows (rank is
+2 * (place - 1)). Time Trial reads 0."""
+
+GP_START_COINS = 5
+"""RAM `coins` on a GP grid (the HUD's 05); Time Trial has no coins and reads 0."""
+
 RACE_LAPS = 5
 """Laps of a Time Trial or GP race: RAM `lap` reaches LAP_ON_GRID + 1 + RACE_LAPS at the finish."""
 

@@ -1,4 +1,4 @@
-"""Scripted controller inputs that drive Super Mario Kart's menus from power-on to a Time Trial.
+"""Scripted controller inputs that drive Super Mario Kart's menus from power-on to a Time Trial or a 50cc GP.
 
 Source: found by playing the USA ROM in stable-retro 1.0.1 from power-on (see NOTES.md); the
 emulation is deterministic, so fixed frame counts replay exactly.
@@ -22,10 +22,14 @@ def _tap(button: str, wait_frames: int, why: str) -> MenuStep:
     return MenuStep((button,), 2, wait_frames, why)
 
 
-POWER_ON_TO_COURSE_SELECT: tuple[MenuStep, ...] = (
+_POWER_ON_TO_1P_MODE_SELECT: tuple[MenuStep, ...] = (
     MenuStep((), 0, 400, "Nintendo logo and intro; the title screen accepts START after it"),
     _tap("START", 60, "title screen -> '1P GAME / 2P GAME'"),
-    _tap("B", 60, "1P GAME -> 'MARIOKART GP / TIME TRIAL'"),
+    _tap("B", 60, "1P GAME -> 'MARIOKART GP / TIME TRIAL' with the cursor on MARIOKART GP"),
+)
+
+POWER_ON_TO_COURSE_SELECT: tuple[MenuStep, ...] = (
+    *_POWER_ON_TO_1P_MODE_SELECT,
     _tap("DOWN", 20, "cursor to TIME TRIAL"),
     _tap("B", 60, "TIME TRIAL -> 'IS THIS OK?' with the cursor on YES"),
     _tap("B", 150, "YES -> driver select, cursor on Mario; the screen fades in"),
@@ -49,4 +53,26 @@ def course_select_steps(cup: int, course: int) -> tuple[MenuStep, ...]:
         _tap("B", 60, "course chosen -> 'IS THIS OK?' with the cursor on YES"),
         _tap("B", 60, "YES -> the course's best times, 'IS THIS OK?' with the cursor on YES"),
         _tap("B", 0, "YES -> the race loads; Lakitu's countdown follows"),
+    )
+
+
+POWER_ON_TO_GP50_CUP_SELECT: tuple[MenuStep, ...] = (
+    *_POWER_ON_TO_1P_MODE_SELECT,
+    _tap("B", 60, "MARIOKART GP -> '50cc CLASS / 100cc CLASS' with the cursor on 50cc"),
+    _tap("B", 60, "50cc -> 'IS THIS OK?' with the cursor on YES"),
+    _tap("B", 150, "YES -> driver select, cursor on Mario; the screen fades in"),
+    _tap("B", 60, "Mario -> '1P OK?'"),
+    _tap("B", 250, "OK -> the 50cc cup select, cursor on the Mushroom Cup; it ignores input while fading in"),
+)
+"""Power-on to the 1P Mario GP cup select of the 50cc class (three cups: no Special Cup at 50cc)."""
+
+
+def gp_cup_select_steps(cup: int) -> tuple[MenuStep, ...]:
+    """From the GP cup select to the cup's first race loading: cup 0-2 (Mushroom, Flower, Star).
+
+    There is no confirmation: B on a cup loads its first course, with the seven CPU drivers.
+    """
+    return (
+        *(_tap("DOWN", 40, "next cup") for _ in range(cup)),
+        _tap("B", 0, "cup chosen -> its first race loads; a camera pan over the grid, then the countdown"),
     )

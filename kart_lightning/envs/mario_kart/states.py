@@ -1,6 +1,6 @@
-"""Makes, checks and caches the Time Trial start states of Super Mario Kart from the user's ROM.
-
-All four cups: the battery save is given the trophies that unlock the Special Cup before the menus.
+"""Makes, checks and caches the start states of Super Mario Kart from the user's ROM: Time Trial
+on all four cups' courses (the save is given the trophies that unlock the Special Cup before the
+menus), and 50cc Mario GP on each cup's first course (NAME.GP50, with the seven CPU drivers).
 
 Usage: `python -m kart_lightning.envs.mario_kart.states [--tracks NAME ...] [--force] [--contact-sheet PNG]`.
 """
@@ -17,6 +17,10 @@ import stable_retro
 from PIL import Image, ImageDraw
 
 from kart_lightning.envs.mario_kart.game import (
+    GP_GRID_CHECKPOINTS_BEHIND_LINE,
+    GP_START_COINS,
+    GP_START_RANK,
+    GRID_CHECKPOINTS_BEHIND_LINE,
     LAP_ON_GRID,
     SAVE_BLOCK,
     SAVE_TROPHIES,
@@ -25,15 +29,18 @@ from kart_lightning.envs.mario_kart.game import (
 from kart_lightning.envs.mario_kart.import_rom import require_rom
 from kart_lightning.envs.mario_kart.menus import (
     POWER_ON_TO_COURSE_SELECT,
+    POWER_ON_TO_GP50_CUP_SELECT,
     MenuStep,
     course_select_steps,
+    gp_cup_select_steps,
 )
 from kart_lightning.envs.mario_kart.paths import GAME, user_game_dir
-from kart_lightning.envs.mario_kart.tracks import TRACKS, Track, get_track
+from kart_lightning.envs.mario_kart.tracks import START_STATES, StartState, get_start_state
 from kart_lightning.errors import ConfigError
 
 MAX_COUNTDOWN_FRAMES = 1200
-"""The race loads and Lakitu counts down in ~330 frames; far more means the menu script failed."""
+"""A Time Trial loads and Lakitu counts down in ~330 frames, a GP (camera pan over the grid first)
+in ~520; far more means the menu script failed."""
 
 FRAMES_BEFORE_CLOCK = 2
 """The state is saved this many frames before the race clock starts: loading it costs one frame
@@ -42,8 +49,8 @@ first action is taken as the race starts."""
 
 
 def state_path(name: str) -> Path:
-    """Where the cached state for track `name` lives (it may not exist yet)."""
-    return user_game_dir() / f"{get_track(name).name}.state"
+    """Where the cached start state `name` lives (it may not exist yet)."""
+    return user_game_dir() / f"{get_start_state(name).name}.state"
 
 
 def _make_emulator() -> stable_retro.RetroEnv:
@@ -90,27 +97,37 @@ def _ram_info(env: stable_retro.RetroEnv) -> dict[str, Any]:
     return env.data.lookup_all()
 
 
-def grid_problems(info: dict[str, Any], track: Track) -> list[str]:
-    """What in `info` (data.json variables) says the kart is not waiting on `track`'s grid."""
+def grid_problems(info: dict[str, Any], start: StartState) -> list[str]:
+    """What in `info` (data.json variables) says the kart is not waiting on `start`'s grid."""
+    behind_line = GP_GRID_CHECKPOINTS_BEHIND_LINE if start.grand_prix else GRID_CHECKPOINTS_BEHIND_LINE
     expected = {
-        "track": track.course_id,
+        "track": start.track.course_id,
         "lap": LAP_ON_GRID,
         "clock_minutes": 0,
         "clock_seconds": 0,
         "clock_centiseconds": 0,
-        # The grid is behind the line: the last checkpoint, which wraps to 0 at the line.
-        "checkpoint": info["checkpoint_count"] - 1,
+        # The grid is behind the line, whose checkpoint is 0.
+        "checkpoint": info["checkpoint_count"] - behind_line,
         "speed": 0,
+        "rank": GP_START_RANK if start.grand_prix else 0,
+        "coins": GP_START_COINS if start.grand_prix else 0,
     }
     return [
         f"{key} is {info[key]}, expected {value}" for key, value in expected.items() if info[key] != value
     ]
 
 
-def _drive_to_grid(env: stable_retro.RetroEnv, course_select: bytes, track: Track) -> bytes:
-    """The emulator state on `track`'s grid, FRAMES_BEFORE_CLOCK frames before the clock starts."""
-    env.em.set_state(course_select)
-    _play(env, course_select_steps(track.cup, track.course))
+def _menu_route(start: StartState) -> tuple[tuple[MenuStep, ...], tuple[MenuStep, ...]]:
+    """`start`'s menu inputs: power-on to its mode's select screen, then that screen to the race."""
+    if start.grand_prix:
+        return POWER_ON_TO_GP50_CUP_SELECT, gp_cup_select_steps(start.track.cup)
+    return POWER_ON_TO_COURSE_SELECT, course_select_steps(start.track.cup, start.track.course)
+
+
+def _drive_to_grid(env: stable_retro.RetroEnv, select_screen: bytes, start: StartState) -> bytes:
+    """The emulator state on `start`'s grid, FRAMES_BEFORE_CLOCK frames before the clock starts."""
+    env.em.set_state(select_screen)
+    _play(env, _menu_route(start)[1])
     released = np.zeros(env.num_buttons, np.uint8)
     recent: list[bytes] = []
     for _ in range(MAX_COUNTDOWN_FRAMES):
@@ -119,16 +136,16 @@ def _drive_to_grid(env: stable_retro.RetroEnv, course_select: bytes, track: Trac
         if _ram_info(env)["clock_centiseconds"] != 0 and len(recent) > FRAMES_BEFORE_CLOCK:
             # recent[-1] is the last frame with the clock at 0; step back from it.
             return recent[-1 - FRAMES_BEFORE_CLOCK + 1]
-    raise RuntimeError(f"The menu script did not start a race on {track.name}; see menus.py.")
+    raise RuntimeError(f"The menu script did not start a race for {start.name}; see menus.py.")
 
 
-def _check_grid_state(env: stable_retro.RetroEnv, state: bytes, track: Track) -> None:
+def _check_grid_state(env: stable_retro.RetroEnv, state: bytes, start: StartState) -> None:
     """Load `state` as stable-retro's reset would (one released frame) and check the grid RAM."""
     env.em.set_state(state)
     env.step(np.zeros(env.num_buttons, np.uint8))
-    problems = grid_problems(_ram_info(env), track)
+    problems = grid_problems(_ram_info(env), start)
     if problems:
-        raise RuntimeError(f"The state made for {track.name} is not on its grid: {'; '.join(problems)}.")
+        raise RuntimeError(f"The state made for {start.name} is not on its grid: {'; '.join(problems)}.")
 
 
 def _write_state(path: Path, state: bytes) -> None:
@@ -145,20 +162,26 @@ def make_states(names: Sequence[str], force: bool = False) -> dict[str, Path]:
 
     Boots one emulator, so call it before any other stable-retro env exists in this process.
     """
-    tracks = [get_track(name) for name in names]
-    paths = {track.name: state_path(track.name) for track in tracks}
-    missing = [track for track in tracks if force or not paths[track.name].is_file()]
+    starts = [get_start_state(name) for name in names]
+    paths = {start.name: state_path(start.name) for start in starts}
+    missing = [start for start in starts if force or not paths[start.name].is_file()]
     if not missing:
         return paths
     env = _make_emulator()
     try:
         _unlock_special_cup(env)
-        _play(env, POWER_ON_TO_COURSE_SELECT)
-        course_select = env.em.get_state()
-        for track in missing:
-            state = _drive_to_grid(env, course_select, track)
-            _check_grid_state(env, state, track)
-            _write_state(paths[track.name], state)
+        power_on = env.em.get_state()
+        # One select screen per mode, reached once; each of its states replays only its last inputs.
+        select_screens: dict[tuple[MenuStep, ...], bytes] = {}
+        for start in missing:
+            to_select_screen = _menu_route(start)[0]
+            if to_select_screen not in select_screens:
+                env.em.set_state(power_on)
+                _play(env, to_select_screen)
+                select_screens[to_select_screen] = env.em.get_state()
+            state = _drive_to_grid(env, select_screens[to_select_screen], start)
+            _check_grid_state(env, state, start)
+            _write_state(paths[start.name], state)
     finally:
         env.close()
     return paths
@@ -191,9 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     """Make the requested start states; a user mistake ends in one sentence and exit code 2."""
     parser = argparse.ArgumentParser(
         prog="python -m kart_lightning.envs.mario_kart.states",
-        description="Make the Super Mario Kart Time Trial start states from your imported ROM.",
+        description="Make the Super Mario Kart start states (Time Trial, and 50cc GP as NAME.GP50) from your imported ROM.",
     )
-    parser.add_argument("--tracks", nargs="+", default=[track.name for track in TRACKS])
+    parser.add_argument(
+        "--tracks",
+        nargs="+",
+        default=[start.name for start in START_STATES],
+        help="state names, e.g. MarioCircuit.Act1 MarioCircuit.Act1.GP50 (default: all)",
+    )
     parser.add_argument("--force", action="store_true", help="remake states that already exist")
     parser.add_argument("--contact-sheet", type=Path, help="also save the first frames to this PNG")
     args = parser.parse_args(argv)

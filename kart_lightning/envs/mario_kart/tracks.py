@@ -1,6 +1,6 @@
-"""The Super Mario Kart courses we make start states for, in the Time Trial course-select order.
+"""The Super Mario Kart courses and the start states we make on them: Time Trial and 50cc GP.
 
-Source: the course select of the USA ROM and the course id it writes to RAM 7E0124 (see NOTES.md).
+Source: the course and cup selects of the USA ROM and the course id it writes to RAM 7E0124 (see NOTES.md).
 """
 
 from dataclasses import dataclass
@@ -49,6 +49,46 @@ TRACKS_BY_NAME = {track.name: track for track in TRACKS}
 TRAIN_TRACKS = ("MarioCircuit.Act1", "MarioCircuit.Act2", "MarioCircuit.Act3")
 EVAL_TRACKS = ("MarioCircuit.Act4",)
 """The default split of DESIGN.md: MarioCircuit.Act4 is held out, never trained on."""
+
+
+GP50_SUFFIX = ".GP50"
+"""Appended to a track's name for its 50cc Mario GP start (e.g. MarioCircuit.Act1.GP50)."""
+
+GP50_CUPS = 3
+"""The 50cc cup select lists the first three cups only: no Special Cup, whatever the save holds
+(checked with 50cc golds, and 50cc and 100cc golds, saved in the other three cups)."""
+
+
+@dataclass(frozen=True)
+class StartState:
+    """A state the maker makes: `track`'s grid in a Time Trial, or in a 1P 50cc Mario GP."""
+
+    track: Track
+    grand_prix: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.track.name + (GP50_SUFFIX if self.grand_prix else "")
+
+
+GP50_STARTS: tuple[StartState, ...] = tuple(
+    StartState(track, grand_prix=True) for track in TRACKS if track.cup < GP50_CUPS and track.course == 0
+)
+"""The cup openers: a GP races its cup's courses in course-select order, and the menus only start a
+cup, so a later race is reached by finishing the one before it, never by menus alone."""
+
+START_STATES: tuple[StartState, ...] = (*(StartState(track) for track in TRACKS), *GP50_STARTS)
+START_STATES_BY_NAME = {start.name: start for start in START_STATES}
+
+
+def get_start_state(name: str) -> StartState:
+    """The start state called `name` (e.g. MarioCircuit.Act1 or MarioCircuit.Act1.GP50); ConfigError if unknown."""
+    try:
+        return START_STATES_BY_NAME[name.removesuffix(".state")]
+    except KeyError:
+        raise ConfigError(
+            f"Unknown Super Mario Kart state '{name}': use one of {', '.join(START_STATES_BY_NAME)}."
+        ) from None
 
 
 def get_track(name: str) -> Track:
