@@ -7,9 +7,12 @@ the weights that played. One job is in flight at a time: a trigger while the wor
 skipped, never queued. Frames never cross processes.
 """
 
+import ctypes
 import multiprocessing
 import os
 import queue
+import signal
+import sys
 import time
 import traceback
 import warnings
@@ -26,6 +29,8 @@ from kart_lightning.recording import RecordOptions, log_recording, record_episod
 
 WORKER_POLL_S = 1.0
 """How often an idle worker checks that the learner that started it is still alive."""
+PR_SET_PDEATHSIG = 1
+"""prctl(2) option: the signal this process gets when its parent dies."""
 
 
 @dataclass
@@ -62,6 +67,9 @@ def _load_policy(data: bytes) -> torch.jit.ScriptModule:
 
 def _serve(requests, replies, parent_pid: int) -> None:
     """The worker process: run jobs until told to stop (None) or the learner is gone."""
+    # Ctrl-C reaches the whole process group: the learner decides when the worker stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     torch.set_num_threads(1)
     while True:
         try:
@@ -77,6 +85,18 @@ def _serve(requests, replies, parent_pid: int) -> None:
         except Exception:  # noqa: BLE001 - reported to the learner, which logs it and goes on
             reply = {"error": traceback.format_exc()}
         replies.put({"step": job.step, "pid": os.getpid(), **reply})
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this process when the learner dies, even in the middle of a job
+    (elsewhere the idle poll of os.getppid() is the only check)."""
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
 
 
 class PolicyWorker:
@@ -125,8 +145,17 @@ class PolicyWorker:
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
+        # A job nobody read would otherwise keep this process from exiting: queues flush at exit.
+        for channel in (self.requests, self.replies):
+            channel.cancel_join_thread()
+            channel.close()
         self.process = None
         self.pending = None
+
+
+def _last_step(trainer: Trainer) -> bool:
+    """Whether the step just taken ends fit: the frame budget (should_stop) or max_steps."""
+    return trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step
 
 
 class _PeriodicPolicyCallback(Callback):
@@ -151,7 +180,9 @@ class _PeriodicPolicyCallback(Callback):
         self._last_time = time.monotonic()
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
-        self._handle(trainer, self.worker.poll())
+        # At the last step, wait for the job in flight: it played nearly the final weights, and
+        # ModelCheckpoint's last save (after this hook) should see its metrics.
+        self._handle(trainer, self.worker.poll(timeout_s=self.final_wait_s if _last_step(trainer) else None))
         if self.enabled and self.worker.pending is None and self._due(trainer.global_step):
             self._last_step, self._last_time = trainer.global_step, time.monotonic()
             if trainer.is_global_zero:
@@ -163,8 +194,8 @@ class _PeriodicPolicyCallback(Callback):
         return bool(by_steps or by_time)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # The run's end (the stream of batches is one endless epoch). The job in flight played
-        # nearly the final weights: worth a short wait, before ModelCheckpoint's last save reads it.
+        # The run's end (the stream of batches is one endless epoch), stopped in a way the last
+        # step could not foresee (max_time, say).
         if self.worker.pending is not None:
             self._handle(trainer, self.worker.poll(timeout_s=self.final_wait_s))
 
@@ -204,7 +235,7 @@ class HeldOutEvaluation(_PeriodicPolicyCallback):
         episodes: episodes per held-out track; null: data.eval_episodes.
         greedy: argmax actions; null: data.eval_greedy.
         seed: first episode seed; null: data.eval_seed.
-        final_wait_s: at the end of fit, how long to wait for an evaluation still running.
+        final_wait_s: at the last step, how long fit waits for the evaluation in flight.
     """
 
     def __init__(
@@ -249,7 +280,7 @@ class EpisodeRecorder(_PeriodicPolicyCallback):
         every_minutes: minutes between recordings; null for none by time.
         track: the state to record (e.g. MarioCircuit.Act4); null: the first held-out track.
         fps, max_frames, greedy, seed: see RecordOptions.
-        final_wait_s: at the end of fit, how long to wait for a recording still running.
+        final_wait_s: at the last step, how long fit waits for the recording in flight.
     """
 
     def __init__(
