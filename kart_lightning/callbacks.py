@@ -7,12 +7,10 @@ the weights that played. One job is in flight at a time: a trigger while the wor
 skipped, never queued. Frames never cross processes.
 """
 
-import ctypes
 import multiprocessing
 import os
 import queue
 import signal
-import sys
 import time
 import traceback
 import warnings
@@ -25,12 +23,11 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from kart_lightning.envs.factory import EnvConfig
 from kart_lightning.evaluation import held_out_envs, play_tracks, scalar_metrics, script_bytes, summarize
+from kart_lightning.processes import die_with_parent
 from kart_lightning.recording import RecordOptions, log_recording, record_episode
 
 WORKER_POLL_S = 1.0
 """How often an idle worker checks that the learner that started it is still alive."""
-PR_SET_PDEATHSIG = 1
-"""prctl(2) option: the signal this process gets when its parent dies."""
 
 
 @dataclass
@@ -69,7 +66,7 @@ def _serve(requests, replies, parent_pid: int) -> None:
     """The worker process: run jobs until told to stop (None) or the learner is gone."""
     # Ctrl-C reaches the whole process group: the learner decides when the worker stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent()
+    die_with_parent(parent_pid)
     torch.set_num_threads(1)
     while True:
         try:
@@ -85,18 +82,6 @@ def _serve(requests, replies, parent_pid: int) -> None:
         except Exception:  # noqa: BLE001 - reported to the learner, which logs it and goes on
             reply = {"error": traceback.format_exc()}
         replies.put({"step": job.step, "pid": os.getpid(), **reply})
-
-
-def _die_with_parent() -> None:
-    """Linux: have the kernel kill this process when the learner dies, even in the middle of a job
-    (elsewhere the idle poll of os.getppid() is the only check)."""
-    if sys.platform != "linux":
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return
 
 
 class PolicyWorker:

@@ -214,3 +214,31 @@ def test_recorder_writes_a_gif_under_the_run_folder_and_logs_it_to_tensorboard(t
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
     events.Reload()
     assert [image.step for image in events.Images("record/gif")] == [2, 4]
+
+
+def test_no_worker_outlives_a_learner_killed_in_the_middle_of_an_evaluation(tmp_path):
+    import signal
+    import time
+
+    import psutil
+
+    # 3 spawned children: 2 actors and the evaluation worker, busy with 20,000 episodes (minutes) from step 1.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kart_lightning", "fit", "--config", "configs/cartpole.yaml",
+         "--evaluation.every_n_steps", "1", "--evaluation.episodes", "20000",
+         "--checkpoint.dirpath", str(tmp_path / "checkpoints"), "--trainer.default_root_dir", str(tmp_path),
+         "--trainer.enable_progress_bar", "false"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    parent = psutil.Process(process.pid)
+    deadline = time.monotonic() + 120
+    children = []
+    while len(children) < 3 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        children = [child for child in parent.children(recursive=True) if "spawn_main" in " ".join(child.cmdline())]
+    assert len(children) == 3, "the actors and the evaluation worker never started"
+    time.sleep(2)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    _gone, alive = psutil.wait_procs(children, timeout=15)
+    assert alive == [], f"orphans: {alive}"

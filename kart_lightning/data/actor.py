@@ -14,6 +14,7 @@ from kart_lightning.data.inference import LocalInference, RemoteInference
 from kart_lightning.data.rollout import SharedWeights
 from kart_lightning.data.slots import ParentGone, SlotBoard
 from kart_lightning.envs import EnvConfig, make_env
+from kart_lightning.processes import die_with_parent
 
 
 @dataclass
@@ -62,6 +63,7 @@ def act(
     errors,
 ) -> None:
     """Entry point of an actor process: run until the parent goes away or the process is stopped."""
+    die_with_parent(spec.parent_pid)
     torch.set_num_threads(spec.torch_threads)
     try:
         if link is None:
