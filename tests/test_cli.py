@@ -141,6 +141,9 @@ def test_ctrl_c_stops_fit_and_leaves_no_actor_process(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "kart_lightning", "fit", *cartpole_args(tmp_path, 10**9)],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        # As from a terminal: a test run started in the background (`cmd &` in a script) passes on
+        # an ignored SIGINT, and Python then never raises KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 - no threads at fork
     )
     parent = psutil.Process(process.pid)
     deadline = time.monotonic() + 120
