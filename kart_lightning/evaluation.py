@@ -67,8 +67,18 @@ def play_episode(
     recording: Recording | None = None,
 ) -> dict[str, Any]:
     """One whole episode from `env.reset(seed=seed)`: its return, length in agent steps, and for a
-    race the checkpoints passed, laps, whether it finished, its race time and best lap."""
+    race the checkpoints passed, laps, whether it finished, its race time and best lap.
+
+    Sampled actions come from torch's generator seeded with `seed` for this episode alone, so an
+    episode is the same whichever tracks or episodes ran before it, and the caller's generator is
+    left as it was."""
     device = next(policy.parameters()).device
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return _play(policy, env, seed, greedy, recording, device)
+
+
+def _play(policy, env, seed: int, greedy: bool, recording: Recording | None, device: torch.device) -> dict[str, Any]:
     obs, info = env.reset(seed=seed)
     if recording is not None:
         recording.add(env, info)

@@ -47,7 +47,10 @@ def record_episode(
     finally:
         env.close()
     gif_path.parent.mkdir(parents=True, exist_ok=True)
-    iio.imwrite(gif_path, np.stack(recording.frames), extension=".gif", duration=1000 / options.fps, loop=0)
+    # GIF keeps frame times in hundredths of a second: round to the nearest rather than truncate.
+    # The writer merges identical consecutive frames into one longer frame.
+    frame_ms = 10 * round(100 / options.fps)
+    iio.imwrite(gif_path, np.stack(recording.frames), extension=".gif", duration=frame_ms, loop=0)
     result["gif"] = str(gif_path)
     if track_image is not None:
         from kart_lightning.envs.mario_kart.track_map import plot_trajectory

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Trainer
+from PIL import Image, ImageSequence
 
 from kart_lightning.callbacks import HeldOutEvaluation
 from kart_lightning.data.datamodule import ImpalaDataModule
-from kart_lightning.envs import EnvConfig
-from kart_lightning.evaluation import format_table, summarize
+from kart_lightning.envs import EnvConfig, make_env
+from kart_lightning.evaluation import format_table, play_episode, summarize
 from kart_lightning.export import KartCheckpoint, policy_path
 from kart_lightning.module import ImpalaModule
 from kart_lightning.recording import RecordOptions, record_episode
@@ -133,6 +134,23 @@ def test_evaluation_runs_in_its_own_process_while_training_goes_on_and_feeds_mod
 # Recording
 
 
+def test_a_sampled_episode_depends_on_its_seed_alone_and_leaves_the_callers_generator_alone():
+    torch.manual_seed(0)
+    policy = ImpalaModule(obs_shape=[4], num_actions=2, torso="mlp", hidden_size=16).policy
+    env = make_env(CARTPOLE, seed=0)
+    try:
+        first = play_episode(policy, env, seed=5, greedy=False)
+        torch.rand(1000)  # whatever ran before must not matter
+        before = torch.get_rng_state()
+        again = play_episode(policy, env, seed=5, greedy=False)
+        assert torch.equal(torch.get_rng_state(), before)
+        others = [play_episode(policy, env, seed=seed, greedy=False)["length"] for seed in range(6, 12)]
+    finally:
+        env.close()
+    assert again == first
+    assert len({first["length"], *others}) > 1, "different seeds sample different episodes"
+
+
 def test_record_writes_a_full_resolution_gif_of_an_atari_episode(tmp_path):
     torch.manual_seed(0)
     pong = EnvConfig(id="ALE/Pong-v5")
@@ -140,7 +158,10 @@ def test_record_writes_a_full_resolution_gif_of_an_atari_episode(tmp_path):
     gif = tmp_path / "pong.gif"
     result = record_episode(model.policy, pong, gif, RecordOptions(fps=15, max_frames=40, seed=3))
     frames = iio.imread(gif, index=None)
-    assert frames.shape[:3] == (40, 210, 160), "40 frames at the Atari screen's full resolution"
+    assert frames.shape[1:3] == (210, 160), "the Atari screen's full resolution"
+    # Identical consecutive frames are merged into one longer frame: count time, not frames.
+    frame_ms = [frame.info["duration"] for frame in ImageSequence.Iterator(Image.open(gif))]
+    assert len(frame_ms) == len(frames) <= 40 and sum(frame_ms) == 40 * 70, "40 frames at 15 frames/s"
     assert len(np.unique(frames[-1].reshape(-1, frames.shape[-1]), axis=0)) > 2
     assert result["length"] > 40 and result["return"] <= 0
     assert "png" not in result, "no map outside races"
