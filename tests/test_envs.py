@@ -1,5 +1,7 @@
 """Specification of kart_lightning.envs: what every env from the factory looks like and does."""
 
+import dataclasses
+import gzip
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -100,6 +102,33 @@ def test_retro_game_without_imported_rom_raises_error_naming_the_import():
 def test_unknown_retro_state_raises_error_listing_the_states():
     with pytest.raises(EnvConfigError, match=r"Unknown state 'Level9'.*\['Level1'\]"):
         make_env(EnvConfig(id="Airstriker-Genesis-v0", retro_state="Level9"))
+
+
+def test_several_retro_states_are_played_in_turn_episode_after_episode(tmp_path):
+    level1 = EnvConfig(id="Airstriker-Genesis-v0", noop_max=0)
+    env = make_env(level1)
+    try:
+        level1_start = env.reset(seed=0)[0]
+        for _ in range(100):
+            env.step(1)
+        later = tmp_path / "later.state"
+        with gzip.open(later, "wb") as file:
+            file.write(env.unwrapped.em.get_state())
+    finally:
+        env.close()
+    env = make_env(dataclasses.replace(level1, retro_state=["Level1", str(later)]), env_index=1)
+    try:
+        starts = []
+        for _ in range(4):
+            starts.append(env.reset(seed=0)[0])
+            env.step(0)
+        fifth = env.reset(seed=0)[0]
+        assert np.array_equal(env.reset(seed=0)[0], fifth), "a reset with no step since is no new episode"
+    finally:
+        env.close()
+    assert not np.array_equal(starts[0], level1_start), "env 1 starts from the list's second state"
+    assert np.array_equal(starts[1], level1_start) and np.array_equal(starts[3], level1_start)
+    assert np.array_equal(starts[0], starts[2]) and np.array_equal(starts[0], fifth)
 
 
 def test_non_discrete_action_space_raises_error_naming_the_fix():

@@ -385,6 +385,20 @@ def test_a_list_of_states_is_dealt_round_robin_by_env_index(tmp_path: Path) -> N
     assert [_retro_state(config, index) for index in range(5)] == [str(paths[i]) for i in (0, 1, 2, 0, 1)]
 
 
+@needs_rom
+def test_an_env_with_a_list_of_tracks_drives_each_in_turn_from_its_own(in_rom_cache: Path) -> None:
+    tracks = ["MarioCircuit.Act1", "MarioCircuit.Act2", "MarioCircuit.Act3"]
+    env = make_env(EnvConfig(id=GAME, retro_state=tracks), env_index=1)
+    try:
+        played = []
+        for _ in range(4):
+            played.append(env.reset(seed=0)[1]["race"]["track"])
+            env.step(0)
+    finally:
+        env.close()
+    assert played == ["MarioCircuit.Act2", "MarioCircuit.Act3", "MarioCircuit.Act1", "MarioCircuit.Act2"]
+
+
 def test_an_empty_list_of_states_is_a_config_error() -> None:
     with pytest.raises(EnvConfigError, match="name at least one state"):
         _retro_state(EnvConfig(id=GAME, retro_state=[]), 0)

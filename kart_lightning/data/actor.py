@@ -82,7 +82,7 @@ def act(
 
 
 def _run(spec: ActorSpec, buffers, inference, num_groups: int, board: SlotBoard, counters: ActorCounters) -> None:
-    # The global env index picks the track when the config lists several (round-robin).
+    # The global env index picks the first track when the config lists several.
     envs = [
         make_env(spec.env, seed=spec.seed + k, env_index=spec.index * spec.num_envs + k)
         for k in range(spec.num_envs)

@@ -30,7 +30,14 @@ from kart_lightning.envs.mario_kart.actions import ACTION_SETS, discrete_actions
 from kart_lightning.envs.mario_kart.config import MarioKartConfig
 from kart_lightning.envs.mario_kart.game import DRIVER_VIEW_ROWS, RACE_FRAME_LIMIT, RACE_LAPS
 from kart_lightning.envs.mario_kart.reward import RaceRewardWrapper
-from kart_lightning.envs.wrappers import ChannelsFirst, CropRows, EpisodicLife, NoopReset, ResizeFrame
+from kart_lightning.envs.wrappers import (
+    ChannelsFirst,
+    CropRows,
+    EpisodicLife,
+    NoopReset,
+    ResizeFrame,
+    RotateStates,
+)
 from kart_lightning.errors import ConfigError
 
 gymnasium.register_envs(ale_py)
@@ -65,7 +72,8 @@ class EnvConfig:
         max_episode_steps: agent steps before an episode is truncated; None: the env's own limit
             (Super Mario Kart: 18,000 frames, 4,500 steps at frame_skip 4).
         retro_state: stable-retro state name or .state file path; None is the game's default state.
-            A list deals its states round-robin: env number i plays state i % len(list).
+            A list is played in turn: env number i starts from state i % len(list) and each of its
+            episodes after that from the next state in the list, so all are played by any number of envs.
         render_mode: None for training; 'rgb_array' lets a recorder call env.render().
         mario_kart: Super Mario Kart's actions, view, reward and episode ends; other games ignore it.
     """
@@ -123,7 +131,7 @@ def make_env(config: EnvConfig, seed: int = 0, env_index: int = 0) -> gymnasium.
     Observations are `[frame_stack * (1 or 3), screen_size, screen_size] uint8` for image envs and
     `[D] float32` for vector envs. The env has been reset once with `seed` and its action space
     seeded, so the plain `reset()` calls that follow are reproducible from `seed`. `env_index`, the
-    env's number among all the run's envs, picks its state when `config.retro_state` is a list.
+    env's number among all the run's envs, picks its first state when `config.retro_state` is a list.
     """
     kind = check_env_id(config.id)
     if kind == "atari":
@@ -176,14 +184,24 @@ def _make_retro(config: EnvConfig, env_index: int) -> gymnasium.Env:
 
 
 def _open_emulator(config: EnvConfig, env_index: int, actions: stable_retro.Actions) -> gymnasium.Env:
-    """The bare stable-retro env of `config`, at its state for env `env_index`."""
-    return stable_retro.make(
+    """The bare stable-retro env of `config`, at its state for env `env_index`; with several
+    states, each episode starts from the next (RotateStates)."""
+    env = stable_retro.make(
         config.id,
         state=_retro_state(config, env_index),
         inttype=_RETRO_INTEGRATIONS,
         render_mode=config.render_mode,
         use_restricted_actions=actions,
     )
+    count = len(retro_state_names(config))
+    if count < 2:
+        return env
+    states = []
+    for index in range(count):
+        # load_state reads and decompresses a state file into initial_state, as make did.
+        env.unwrapped.load_state(_retro_state(config, index), _RETRO_INTEGRATIONS)
+        states.append(env.unwrapped.initial_state)
+    return RotateStates(env, states, first=env_index)
 
 
 def _check_mario_kart_config(kart: MarioKartConfig) -> None:
@@ -244,7 +262,7 @@ def _retro_state(config: EnvConfig, env_index: int) -> object:
     names = retro_state_names(config)
     if not names:
         return stable_retro.State.DEFAULT
-    # Round-robin over the run's envs, so each state gets an equal share of them.
+    # Env i starts from state i; RotateStates moves it on to the next state each episode.
     state = names[env_index % len(names)]
     if os.path.isfile(state):
         # stable-retro looks names up inside the integration folder; an absolute path escapes it.

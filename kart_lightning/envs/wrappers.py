@@ -1,6 +1,7 @@
 """Generic gymnasium wrappers that gymnasium itself lacks or only offers behind OpenCV.
 
-Atari no-op reset and episodic life, row cropping, Pillow resizing, and channels-first frames.
+Atari no-op reset and episodic life, a stable-retro state per episode in turn, row cropping,
+Pillow resizing, and channels-first frames.
 """
 
 from typing import Any
@@ -71,6 +72,38 @@ class EpisodicLife(gymnasium.Wrapper):
         self._game_over = False
         self._lives = self.env.unwrapped.ale.lives()
         return obs, info
+
+
+class RotateStates(gymnasium.Wrapper):
+    """A bare stable-retro env that starts each episode from the next of several savestates.
+
+    `states` are the decompressed savestates in order; the first episode starts from
+    `states[first]`, each one after it from the next, wrapping around. So every state is played,
+    and played as often as the others, however few envs a run has. A reset that follows no step
+    (as make_env's seeding reset is followed by the first real one) starts the same state again.
+    """
+
+    def __init__(self, env: gymnasium.Env, states: list[bytes], first: int):
+        super().__init__(env)
+        if not states:
+            raise ValueError("RotateStates needs at least one state")
+        self.states = states
+        self.state_index = first % len(states)
+        self.stepped = False
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[Any, dict[str, Any]]:
+        if self.stepped:
+            self.state_index = (self.state_index + 1) % len(self.states)
+            self.stepped = False
+        # stable-retro's reset restores `initial_state`, the state it loaded at construction.
+        self.env.unwrapped.initial_state = self.states[self.state_index]
+        return self.env.reset(seed=seed, options=options)
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        self.stepped = True
+        return self.env.step(action)
 
 
 class CropRows(gymnasium.ObservationWrapper):
