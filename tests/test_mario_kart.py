@@ -27,7 +27,11 @@ from kart_lightning.envs.factory import EnvConfig, _retro_state, check_env_id, m
 from kart_lightning.envs.mario_kart import import_rom, states
 from kart_lightning.envs.mario_kart.actions import ACTION_SETS, SNES_BUTTONS, button_table, discrete_actions
 from kart_lightning.envs.mario_kart.game import AIRBORNE, DRIVER_VIEW_ROWS
-from kart_lightning.envs.mario_kart.menus import course_select_steps, gp_cup_select_steps
+from kart_lightning.envs.mario_kart.menus import (
+    course_select_steps,
+    gp_cup_select_steps,
+    power_on_to_course_select,
+)
 from kart_lightning.envs.mario_kart.paths import GAME, PACKAGE_INTEGRATION_DIR, user_game_dir
 from kart_lightning.envs.mario_kart.tracks import GP50_STARTS, TRACKS, get_start_state, get_track
 from kart_lightning.errors import ConfigError
@@ -103,9 +107,9 @@ def test_the_env_factory_recognises_the_game_as_a_retro_game() -> None:
     assert check_env_id(GAME) == "retro"
 
 
-def test_data_json_declares_every_variable_of_the_design_ram_map_and_the_track_id() -> None:
+def test_data_json_declares_every_variable_of_the_design_ram_map_and_the_track_and_driver() -> None:
     info = json.loads((PACKAGE_INTEGRATION_DIR / GAME / "data.json").read_text())["info"]
-    assert set(info) == DESIGN_VARIABLES | {"track"}
+    assert set(info) == DESIGN_VARIABLES | {"track", "driver"}
 
 
 def test_the_package_integration_folder_ships_no_rom_and_no_state() -> None:
@@ -205,7 +209,7 @@ def test_course_select_presses_down_once_per_cup_and_once_per_course() -> None:
 
 def test_grid_problems_name_each_variable_that_is_off_the_grid() -> None:
     on_grid = {
-        "track": 7, "lap": 127, "clock_minutes": 0, "clock_seconds": 0, "clock_centiseconds": 0,
+        "track": 7, "driver": 0, "lap": 127, "clock_minutes": 0, "clock_seconds": 0, "clock_centiseconds": 0,
         "checkpoint": 29, "checkpoint_count": 30, "speed": 0, "rank": 0, "coins": 0,
     }  # fmt: skip
     assert states.grid_problems(on_grid, get_start_state("MarioCircuit.Act1")) == []
@@ -218,7 +222,7 @@ def test_grid_problems_name_each_variable_that_is_off_the_grid() -> None:
 
 def test_a_gp50_grid_is_three_checkpoints_behind_the_line_in_8th_place_with_5_coins() -> None:
     gp_grid = {
-        "track": 7, "lap": 127, "clock_minutes": 0, "clock_seconds": 0, "clock_centiseconds": 0,
+        "track": 7, "driver": 0, "lap": 127, "clock_minutes": 0, "clock_seconds": 0, "clock_centiseconds": 0,
         "checkpoint": 27, "checkpoint_count": 30, "speed": 0, "rank": 14, "coins": 5,
     }  # fmt: skip
     assert states.grid_problems(gp_grid, get_start_state("MarioCircuit.Act1.GP50")) == []
@@ -242,6 +246,41 @@ def test_a_gp50_start_off_a_cup_opener_is_a_config_error() -> None:
     for name in ("DonutPlains.Act1.GP50", "DonutPlains.Act3.GP50"):
         with pytest.raises(ConfigError, match="MarioCircuit.Act1.GP50"):
             get_start_state(name)
+
+
+def test_a_driver_is_named_after_the_track_and_mario_is_the_default() -> None:
+    assert get_start_state("MarioCircuit.Act4").driver.name == "Mario"
+    luigi = get_start_state("MarioCircuit.Act4.Luigi")
+    assert (luigi.track.name, luigi.driver.name, luigi.driver.ram_id) == ("MarioCircuit.Act4", "Luigi", 2)
+    toad = get_start_state("ChocoIsland.Act1.GP50", driver="Toad")
+    assert toad.name == "ChocoIsland.Act1.GP50.Toad" and toad.grand_prix
+    assert get_start_state(toad.name) == toad
+    assert states.driver_state_names(["RainbowRoad", "MarioCircuit.Act1.Yoshi"], "Mario") == [
+        "RainbowRoad", "MarioCircuit.Act1",
+    ]  # fmt: skip
+
+
+def test_an_unknown_driver_is_a_config_error_listing_the_drivers() -> None:
+    with pytest.raises(ConfigError, match="Luigi"):
+        get_start_state("MarioCircuit.Act1", driver="Wario")
+    with pytest.raises(ConfigError, match="Unknown Super Mario Kart state 'MarioCircuit.Act1.Wario'"):
+        get_start_state("MarioCircuit.Act1.Wario")
+
+
+def test_the_driver_select_moves_down_a_row_and_right_along_it_before_b() -> None:
+    route = power_on_to_course_select(get_start_state("MarioCircuit.Act1.Toad").driver)
+    mario = power_on_to_course_select()
+    toad_steps = [step.buttons for step in route if step not in mario]
+    assert toad_steps == [("DOWN",), ("RIGHT",), ("RIGHT",), ("RIGHT",), ("B",)]
+
+
+def test_a_grid_with_another_driver_is_off_the_states_grid() -> None:
+    luigi_grid = {
+        "track": 14, "driver": 2, "lap": 127, "clock_minutes": 0, "clock_seconds": 0, "clock_centiseconds": 0,
+        "checkpoint": 40, "checkpoint_count": 41, "speed": 0, "rank": 0, "coins": 0,
+    }  # fmt: skip
+    assert states.grid_problems(luigi_grid, get_start_state("MarioCircuit.Act4.Luigi")) == []
+    assert states.grid_problems(luigi_grid, get_start_state("MarioCircuit.Act4")) == ["driver is 2, expected 0"]
 
 
 def test_gp_cup_select_presses_down_once_per_cup_then_b() -> None:
@@ -304,6 +343,21 @@ def test_every_gp50_start_gets_a_state_on_its_grid_behind_the_cpu_drivers(in_rom
         finally:
             env.close()
         # grid_problems checks 8th place (RAM rank 14): seven CPU drivers start ahead.
+        assert states.grid_problems(info, get_start_state(name)) == [], name
+
+
+@needs_rom
+def test_another_driver_gets_its_own_states_in_time_trial_and_gp(in_rom_cache: Path) -> None:
+    assert states.main(["--tracks", "MarioCircuit.Act4", "MarioCircuit.Act1.GP50", "--driver", "Luigi"]) == 0
+    assert states.main(["--tracks", "ChocoIsland.Act1.GP50.Toad"]) == 0
+    made = {"MarioCircuit.Act4.Luigi": 2, "MarioCircuit.Act1.GP50.Luigi": 2, "ChocoIsland.Act1.GP50.Toad": 12}
+    for name, driver_id in made.items():
+        env = make_env(EnvConfig(id=GAME, retro_state=name))
+        try:
+            info = env.unwrapped.data.lookup_all()
+        finally:
+            env.close()
+        assert info["driver"] == driver_id, name
         assert states.grid_problems(info, get_start_state(name)) == [], name
 
 

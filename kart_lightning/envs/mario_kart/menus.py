@@ -6,6 +6,8 @@ emulation is deterministic, so fixed frame counts replay exactly.
 
 from dataclasses import dataclass
 
+from kart_lightning.envs.mario_kart.tracks import DEFAULT_DRIVER, Driver
+
 
 @dataclass(frozen=True)
 class MenuStep:
@@ -28,15 +30,25 @@ _POWER_ON_TO_1P_MODE_SELECT: tuple[MenuStep, ...] = (
     _tap("B", 60, "1P GAME -> 'MARIOKART GP / TIME TRIAL' with the cursor on MARIOKART GP"),
 )
 
-POWER_ON_TO_COURSE_SELECT: tuple[MenuStep, ...] = (
-    *_POWER_ON_TO_1P_MODE_SELECT,
-    _tap("DOWN", 20, "cursor to TIME TRIAL"),
-    _tap("B", 60, "TIME TRIAL -> 'IS THIS OK?' with the cursor on YES"),
-    _tap("B", 150, "YES -> driver select, cursor on Mario; the screen fades in"),
-    _tap("B", 60, "Mario -> '1P OK?'"),
-    _tap("B", 250, "OK -> course select; it ignores input until fully faded in"),
-)
-"""Power-on to the Time Trial course select, cursor on the Mushroom Cup's first course."""
+def _choose_driver(driver: Driver) -> tuple[MenuStep, ...]:
+    """On the driver select (cursor on Mario, top left of two rows of four) to the course or cup select."""
+    return (
+        *(_tap("DOWN", 30, "cursor to the bottom row") for _ in range(driver.row)),
+        *(_tap("RIGHT", 30, "cursor one driver right") for _ in range(driver.column)),
+        _tap("B", 60, f"{driver.name} -> '1P OK?'"),
+    )
+
+
+def power_on_to_course_select(driver: Driver = DEFAULT_DRIVER) -> tuple[MenuStep, ...]:
+    """Power-on to the Time Trial course select with `driver`, cursor on the Mushroom Cup's first course."""
+    return (
+        *_POWER_ON_TO_1P_MODE_SELECT,
+        _tap("DOWN", 20, "cursor to TIME TRIAL"),
+        _tap("B", 60, "TIME TRIAL -> 'IS THIS OK?' with the cursor on YES"),
+        _tap("B", 150, "YES -> driver select, cursor on Mario; the screen fades in"),
+        *_choose_driver(driver),
+        _tap("B", 250, "OK -> course select; it ignores input until fully faded in"),
+    )
 
 
 def course_select_steps(cup: int, course: int) -> tuple[MenuStep, ...]:
@@ -56,15 +68,17 @@ def course_select_steps(cup: int, course: int) -> tuple[MenuStep, ...]:
     )
 
 
-POWER_ON_TO_GP50_CUP_SELECT: tuple[MenuStep, ...] = (
-    *_POWER_ON_TO_1P_MODE_SELECT,
-    _tap("B", 60, "MARIOKART GP -> '50cc CLASS / 100cc CLASS' with the cursor on 50cc"),
-    _tap("B", 60, "50cc -> 'IS THIS OK?' with the cursor on YES"),
-    _tap("B", 150, "YES -> driver select, cursor on Mario; the screen fades in"),
-    _tap("B", 60, "Mario -> '1P OK?'"),
-    _tap("B", 250, "OK -> the 50cc cup select, cursor on the Mushroom Cup; it ignores input while fading in"),
-)
-"""Power-on to the 1P Mario GP cup select of the 50cc class (three cups: no Special Cup at 50cc)."""
+def power_on_to_gp50_cup_select(driver: Driver = DEFAULT_DRIVER) -> tuple[MenuStep, ...]:
+    """Power-on to the 1P Mario GP cup select of the 50cc class with `driver` (three cups: no
+    Special Cup at 50cc)."""
+    return (
+        *_POWER_ON_TO_1P_MODE_SELECT,
+        _tap("B", 60, "MARIOKART GP -> '50cc CLASS / 100cc CLASS' with the cursor on 50cc"),
+        _tap("B", 60, "50cc -> 'IS THIS OK?' with the cursor on YES"),
+        _tap("B", 150, "YES -> driver select, cursor on Mario; the screen fades in"),
+        *_choose_driver(driver),
+        _tap("B", 250, "OK -> the 50cc cup select, cursor on the Mushroom Cup; it ignores input while fading in"),
+    )
 
 
 def gp_cup_select_steps(cup: int) -> tuple[MenuStep, ...]:

@@ -2,7 +2,8 @@
 on all four cups' courses (the save is given the trophies that unlock the Special Cup before the
 menus), and 50cc Mario GP on each cup's first course (NAME.GP50, with the seven CPU drivers).
 
-Usage: `python -m kart_lightning.envs.mario_kart.states [--tracks NAME ...] [--force] [--contact-sheet PNG]`.
+Usage: `python -m kart_lightning.envs.mario_kart.states [--tracks NAME ...] [--driver NAME] [--force]
+[--contact-sheet PNG]`. Mario drives unless the state name (MarioCircuit.Act4.Luigi) or --driver says otherwise.
 """
 
 import argparse
@@ -28,14 +29,14 @@ from kart_lightning.envs.mario_kart.game import (
 )
 from kart_lightning.envs.mario_kart.import_rom import require_rom
 from kart_lightning.envs.mario_kart.menus import (
-    POWER_ON_TO_COURSE_SELECT,
-    POWER_ON_TO_GP50_CUP_SELECT,
     MenuStep,
     course_select_steps,
     gp_cup_select_steps,
+    power_on_to_course_select,
+    power_on_to_gp50_cup_select,
 )
 from kart_lightning.envs.mario_kart.paths import GAME, user_game_dir
-from kart_lightning.envs.mario_kart.tracks import START_STATES, StartState, get_start_state
+from kart_lightning.envs.mario_kart.tracks import DRIVERS_BY_NAME, START_STATES, StartState, get_start_state
 from kart_lightning.errors import ConfigError
 
 MAX_COUNTDOWN_FRAMES = 1200
@@ -51,6 +52,11 @@ first action is taken as the race starts."""
 def state_path(name: str) -> Path:
     """Where the cached start state `name` lives (it may not exist yet)."""
     return user_game_dir() / f"{get_start_state(name).name}.state"
+
+
+def driver_state_names(names: Sequence[str], driver: str) -> list[str]:
+    """`names` with `driver` at the wheel (MarioCircuit.Act4 with Luigi: MarioCircuit.Act4.Luigi)."""
+    return [get_start_state(name, driver).name for name in names]
 
 
 def _make_emulator() -> stable_retro.RetroEnv:
@@ -102,6 +108,7 @@ def grid_problems(info: dict[str, Any], start: StartState) -> list[str]:
     behind_line = GP_GRID_CHECKPOINTS_BEHIND_LINE if start.grand_prix else GRID_CHECKPOINTS_BEHIND_LINE
     expected = {
         "track": start.track.course_id,
+        "driver": start.driver.ram_id,
         "lap": LAP_ON_GRID,
         "clock_minutes": 0,
         "clock_seconds": 0,
@@ -120,8 +127,8 @@ def grid_problems(info: dict[str, Any], start: StartState) -> list[str]:
 def _menu_route(start: StartState) -> tuple[tuple[MenuStep, ...], tuple[MenuStep, ...]]:
     """`start`'s menu inputs: power-on to its mode's select screen, then that screen to the race."""
     if start.grand_prix:
-        return POWER_ON_TO_GP50_CUP_SELECT, gp_cup_select_steps(start.track.cup)
-    return POWER_ON_TO_COURSE_SELECT, course_select_steps(start.track.cup, start.track.course)
+        return power_on_to_gp50_cup_select(start.driver), gp_cup_select_steps(start.track.cup)
+    return power_on_to_course_select(start.driver), course_select_steps(start.track.cup, start.track.course)
 
 
 def _drive_to_grid(env: stable_retro.RetroEnv, select_screen: bytes, start: StartState) -> bytes:
@@ -222,15 +229,20 @@ def main(argv: list[str] | None = None) -> int:
         default=[start.name for start in START_STATES],
         help="state names, e.g. MarioCircuit.Act1 MarioCircuit.Act1.GP50 (default: all)",
     )
+    parser.add_argument(
+        "--driver",
+        help=f"make the states with this driver: {', '.join(DRIVERS_BY_NAME)} (default: Mario, or the name's)",
+    )
     parser.add_argument("--force", action="store_true", help="remake states that already exist")
     parser.add_argument("--contact-sheet", type=Path, help="also save the first frames to this PNG")
     args = parser.parse_args(argv)
     try:
-        paths = make_states(args.tracks, force=args.force)
+        names = driver_state_names(args.tracks, args.driver) if args.driver else args.tracks
+        paths = make_states(names, force=args.force)
         for name, path in paths.items():
             print(f"{name}: {path}")
         if args.contact_sheet:
-            contact_sheet(args.tracks).save(args.contact_sheet)
+            contact_sheet(names).save(args.contact_sheet)
             print(f"Contact sheet: {args.contact_sheet}")
     except ConfigError as error:
         print(error, file=sys.stderr)

@@ -60,15 +60,44 @@ GP50_CUPS = 3
 
 
 @dataclass(frozen=True)
+class Driver:
+    """One of the eight drivers: where the driver select shows it, and its RAM id (7E1012)."""
+
+    name: str
+    row: int
+    column: int
+    ram_id: int
+
+
+DRIVERS: tuple[Driver, ...] = (
+    Driver("Mario", row=0, column=0, ram_id=0),
+    Driver("Princess", row=0, column=1, ram_id=6),
+    Driver("Bowser", row=0, column=2, ram_id=4),
+    Driver("Koopa", row=0, column=3, ram_id=10),
+    Driver("Luigi", row=1, column=0, ram_id=2),
+    Driver("Yoshi", row=1, column=1, ram_id=14),
+    Driver("DonkeyKongJr", row=1, column=2, ram_id=8),
+    Driver("Toad", row=1, column=3, ram_id=12),
+)
+"""The driver select's two rows of four, as the USA ROM shows them (see NOTES.md)."""
+DRIVERS_BY_NAME = {driver.name: driver for driver in DRIVERS}
+DEFAULT_DRIVER = DRIVERS[0]
+"""Mario: a state name without a driver suffix is his (MarioCircuit.Act1); others append theirs
+(MarioCircuit.Act1.Luigi, MarioCircuit.Act1.GP50.Toad)."""
+
+
+@dataclass(frozen=True)
 class StartState:
-    """A state the maker makes: `track`'s grid in a Time Trial, or in a 1P 50cc Mario GP."""
+    """A state the maker makes: `track`'s grid in a Time Trial, or in a 1P 50cc Mario GP, with `driver`."""
 
     track: Track
     grand_prix: bool = False
+    driver: Driver = DEFAULT_DRIVER
 
     @property
     def name(self) -> str:
-        return self.track.name + (GP50_SUFFIX if self.grand_prix else "")
+        suffix = "" if self.driver == DEFAULT_DRIVER else f".{self.driver.name}"
+        return self.track.name + (GP50_SUFFIX if self.grand_prix else "") + suffix
 
 
 GP50_STARTS: tuple[StartState, ...] = tuple(
@@ -78,17 +107,30 @@ GP50_STARTS: tuple[StartState, ...] = tuple(
 cup, so a later race is reached by finishing the one before it, never by menus alone."""
 
 START_STATES: tuple[StartState, ...] = (*(StartState(track) for track in TRACKS), *GP50_STARTS)
+"""Mario's 23 start states; each also exists for the other seven drivers (see DRIVERS)."""
 START_STATES_BY_NAME = {start.name: start for start in START_STATES}
 
 
-def get_start_state(name: str) -> StartState:
-    """The start state called `name` (e.g. MarioCircuit.Act1 or MarioCircuit.Act1.GP50); ConfigError if unknown."""
-    try:
-        return START_STATES_BY_NAME[name.removesuffix(".state")]
-    except KeyError:
+def get_start_state(name: str, driver: str | None = None) -> StartState:
+    """The start state called `name` (e.g. MarioCircuit.Act1, MarioCircuit.Act1.GP50,
+    MarioCircuit.Act4.Luigi), or with `driver` instead of the name's; ConfigError if unknown."""
+    base, _, suffix = name.removesuffix(".state").rpartition(".")
+    if suffix in DRIVERS_BY_NAME and suffix != DEFAULT_DRIVER.name:
+        start, driver = START_STATES_BY_NAME.get(base), driver or suffix
+    else:
+        start = START_STATES_BY_NAME.get(name.removesuffix(".state"))
+    if start is None:
         raise ConfigError(
-            f"Unknown Super Mario Kart state '{name}': use one of {', '.join(START_STATES_BY_NAME)}."
-        ) from None
+            f"Unknown Super Mario Kart state '{name}': use one of {', '.join(START_STATES_BY_NAME)}, "
+            f"with a driver appended if not Mario (e.g. MarioCircuit.Act4.Luigi)."
+        )
+    if driver is None:
+        return start
+    if driver not in DRIVERS_BY_NAME:
+        raise ConfigError(
+            f"Unknown Super Mario Kart driver '{driver}': use one of {', '.join(DRIVERS_BY_NAME)}."
+        )
+    return StartState(start.track, start.grand_prix, DRIVERS_BY_NAME[driver])
 
 
 def get_track(name: str) -> Track:
