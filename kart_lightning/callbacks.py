@@ -23,6 +23,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from kart_lightning.envs.factory import EnvConfig
 from kart_lightning.evaluation import held_out_envs, play_tracks, scalar_metrics, script_bytes, summarize
+from kart_lightning.export import KartCheckpoint, Snapshot, take_snapshot
 from kart_lightning.processes import die_with_parent
 from kart_lightning.recording import RecordOptions, log_recording, record_episode
 
@@ -210,9 +211,11 @@ class HeldOutEvaluation(_PeriodicPolicyCallback):
 
     Logs `val/episode_return`, `val/episode_length` (and for races `val/episode_checkpoints`,
     `val/episode_laps`) over all tracks and `val/TRACK/...` per track, at the learner step of the
-    weights that played. ModelCheckpoint can monitor them (`checkpoint.monitor:
-    val/episode_return`, `checkpoint.mode: max`); the checkpoint it then keeps holds weights at
-    most one evaluation plus one checkpoint interval newer than the ones evaluated.
+    weights that played. The checkpoint callback can monitor them (`checkpoint.monitor:
+    val/episode_return`, `checkpoint.mode: max`): each evaluation keeps a copy of the checkpoint
+    at its step (a few MB in memory) and hands it over with the score, so the best checkpoint holds
+    the weights that earned it (`epoch=0-step=STEP.ckpt`, STEP the evaluated step). A plain
+    ModelCheckpoint monitoring them saves the weights current when the score comes back instead.
 
     Args:
         every_n_steps: learner steps between evaluations; null for none by steps.
@@ -234,9 +237,26 @@ class HeldOutEvaluation(_PeriodicPolicyCallback):
     ) -> None:
         super().__init__("held-out evaluation", every_n_steps, every_minutes, final_wait_s)
         self.episodes, self.greedy, self.seed = episodes, greedy, seed
+        self._snapshot: Snapshot | None = None
+
+    def scored_checkpoints(self, trainer: Trainer) -> list[KartCheckpoint]:
+        """The checkpoint callbacks that monitor a metric of this evaluation."""
+        if not self.enabled:
+            return []
+        return [
+            callback for callback in trainer.checkpoint_callbacks
+            if isinstance(callback, KartCheckpoint) and (callback.monitor or "").startswith("val/")
+        ]
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        for callback in self.scored_checkpoints(trainer):
+            callback.scored_elsewhere = True
 
     def make_job(self, trainer: Trainer, pl_module: LightningModule, policy: bytes) -> EvaluationJob:
         data = trainer.datamodule
+        if checkpoints := self.scored_checkpoints(trainer):
+            self._snapshot = take_snapshot(trainer, policy, all(callback.save_weights_only for callback in checkpoints))
         return EvaluationJob(
             step=trainer.global_step,
             policy=policy,
@@ -252,6 +272,10 @@ class HeldOutEvaluation(_PeriodicPolicyCallback):
             logger.log_metrics(metrics, step=reply["step"])
         # What ModelCheckpoint's monitor and EarlyStopping read.
         trainer.callback_metrics.update({name: torch.tensor(value) for name, value in metrics.items()})
+        snapshot, self._snapshot = self._snapshot, None
+        if snapshot is not None and snapshot.step == reply["step"]:
+            for callback in self.scored_checkpoints(trainer):
+                callback.keep_evaluated(trainer, snapshot, metrics)
 
 
 class EpisodeRecorder(_PeriodicPolicyCallback):

@@ -11,9 +11,11 @@ the observation shape and dtype, the action count and, for Super Mario Kart, the
 action, and the env's preprocessing, so a user can rebuild the inputs.
 """
 
+import copy
 import dataclasses
 import io
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +60,34 @@ def export_policy(policy: torch.jit.ScriptModule, path: Path, metadata: dict[str
     torch.jit.save(cpu_policy, str(path), _extra_files={METADATA_FILE: json.dumps(metadata, indent=2)})
 
 
+@dataclasses.dataclass
+class Snapshot:
+    """A fit's checkpoint at one learner step and its scripted policy, kept in memory while that
+    policy is evaluated in another process, so the checkpoint kept for its score holds its weights."""
+
+    step: int
+    env_frames: int
+    checkpoint: dict[str, Any]
+    policy: bytes
+
+
+def take_snapshot(trainer: Trainer, policy: bytes, weights_only: bool = False) -> Snapshot:
+    # dump_checkpoint's tensors are the live parameters and optimizer state: copy them.
+    checkpoint = copy.deepcopy(trainer._checkpoint_connector.dump_checkpoint(weights_only))
+    return Snapshot(trainer.global_step, int(trainer.lightning_module.env_frames), checkpoint, policy)
+
+
 class KartCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that also exports the policy next to each checkpoint it writes
     (`NAME.policy.pt` beside `NAME.ckpt`) and removes it with the checkpoint.
+
+    Unlike Lightning's, it saves `last` whenever fit ends (max_time, the frame budget, Ctrl-C), not
+    only at the checkpoint interval, so a stopped run loses no learner steps.
+
+    When it monitors a metric the held-out evaluation computes in its own process (`val/...`), that
+    evaluation calls `keep_evaluated` with the score and a snapshot of the weights that earned it:
+    the top-k checkpoints are those weights, named by their step. Its periodic saves then write
+    `last` only, from the first interval on rather than after the first score comes back.
 
     Args:
         export_policy: write the TorchScript policy beside each checkpoint.
@@ -70,16 +97,73 @@ class KartCheckpoint(ModelCheckpoint):
     def __init__(self, *args: Any, export_policy: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.export_policy = export_policy
+        self.scored_elsewhere = False
+        """Set by HeldOutEvaluation when it computes `monitor`."""
+        self._snapshot: Snapshot | None = None
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self.scored_elsewhere:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        elif self._interval_reached(trainer) and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _interval_reached(self, trainer: Trainer) -> bool:
+        by_steps = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
+        interval, now = self._train_time_interval, time.monotonic()
+        by_time = interval is not None and (
+            self._last_time_checked is None or now - self._last_time_checked >= interval.total_seconds()
+        )
+        if by_time:
+            self._last_time_checked = now
+        return by_steps or by_time
+
+    def keep_evaluated(self, trainer: Trainer, snapshot: Snapshot, metrics: dict[str, float]) -> None:
+        """Keep `snapshot` among the top-k checkpoints if its held-out `metrics` earn it a place."""
+        candidates = self._monitor_candidates(trainer)
+        candidates.update({name: torch.tensor(value) for name, value in metrics.items()})
+        candidates["step"] = torch.tensor(snapshot.step)
+        self._snapshot = snapshot
+        try:
+            self._save_topk_checkpoint(trainer, candidates)
+        finally:
+            self._snapshot = None
+
+    def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
+        self._save_last_if_behind(trainer)
+
+    def on_exception(self, trainer: Trainer, pl_module: Any, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):  # Ctrl-C: the user chose to stop here
+            self._save_last_if_behind(trainer)
+        else:
+            super().on_exception(trainer, pl_module, exception)
+
+    def _save_last_if_behind(self, trainer: Trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        if self._snapshot is not None:
+            self._save_snapshot(trainer, self._snapshot, filepath)
+            return
         super()._save_checkpoint(trainer, filepath)
         if self.export_policy and trainer.is_global_zero:
-            module, data = trainer.lightning_module, trainer.datamodule
-            metadata = policy_metadata(
-                module.hparams.obs_shape, str(getattr(data, "obs_dtype", "")).removeprefix("torch."),
-                module.hparams.num_actions, getattr(data, "env", None), trainer.global_step, int(module.env_frames),
-            )
-            export_policy(module.policy, policy_path(filepath), metadata)
+            module = trainer.lightning_module
+            export_policy(module.policy, policy_path(filepath), self._metadata(trainer, trainer.global_step, int(module.env_frames)))
+
+    def _save_snapshot(self, trainer: Trainer, snapshot: Snapshot, filepath: str) -> None:
+        # Not `_last_global_step_saved`: that is the live weights' step, which this is not.
+        trainer.strategy.save_checkpoint(snapshot.checkpoint, filepath)
+        trainer.strategy.barrier()
+        if self.export_policy and trainer.is_global_zero:
+            policy = torch.jit.load(io.BytesIO(snapshot.policy), map_location="cpu")
+            export_policy(policy, policy_path(filepath), self._metadata(trainer, snapshot.step, snapshot.env_frames))
+
+    def _metadata(self, trainer: Trainer, step: int, env_frames: int) -> dict[str, Any]:
+        module, data = trainer.lightning_module, trainer.datamodule
+        return policy_metadata(
+            module.hparams.obs_shape, str(getattr(data, "obs_dtype", "")).removeprefix("torch."),
+            module.hparams.num_actions, getattr(data, "env", None), step, env_frames,
+        )
 
     def _remove_checkpoint(self, trainer: Trainer, filepath: str) -> None:
         super()._remove_checkpoint(trainer, filepath)

@@ -43,9 +43,10 @@ def load(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """A CartPole run of 200 learner steps, stopped by its frame budget."""
+    """A CartPole run of 200 learner steps, stopped by its frame budget between two checkpoint
+    intervals (every 7 steps: the last periodic save is at 196)."""
     run_dir = tmp_path_factory.mktemp("cartpole")
-    kart("fit", *cartpole_args(run_dir, 200 * FRAMES_PER_STEP))
+    kart("fit", *cartpole_args(run_dir, 200 * FRAMES_PER_STEP), "--checkpoint.every_n_train_steps", "7")
     return run_dir
 
 
@@ -61,7 +62,8 @@ def test_resume_continues_steps_frames_optimizer_and_lr_schedule(trained, tmp_pa
     run_dir.mkdir()
     (run_dir / "checkpoints").symlink_to(trained / "checkpoints", target_is_directory=True)
     before = load(trained / "checkpoints" / "last.ckpt")
-    kart("fit", *cartpole_args(run_dir, 300 * FRAMES_PER_STEP), "--ckpt_path", "last")
+    kart("fit", *cartpole_args(run_dir, 300 * FRAMES_PER_STEP), "--checkpoint.every_n_train_steps", "7",
+         "--ckpt_path", "last")
     after = load(trained / "checkpoints" / "last.ckpt")
     assert after["global_step"] == 300
     assert int(after["state_dict"]["env_frames"]) == 300 * FRAMES_PER_STEP
@@ -137,9 +139,10 @@ def actor_children(process: psutil.Process) -> list:
     return children
 
 
-def test_ctrl_c_stops_fit_and_leaves_no_actor_process(tmp_path):
+def test_ctrl_c_stops_fit_saves_last_and_leaves_no_actor_process(tmp_path):
     process = subprocess.Popen(
-        [sys.executable, "-m", "kart_lightning", "fit", *cartpole_args(tmp_path, 10**9)],
+        [sys.executable, "-m", "kart_lightning", "fit", *cartpole_args(tmp_path, 10**9),
+         "--checkpoint.every_n_train_steps", str(10**9)],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
         # As from a terminal: a test run started in the background (`cmd &` in a script) passes on
         # an ignored SIGINT, and Python then never raises KeyboardInterrupt.
@@ -151,12 +154,17 @@ def test_ctrl_c_stops_fit_and_leaves_no_actor_process(tmp_path):
         time.sleep(0.5)
     actors = actor_children(parent)
     assert len(actors) == 2, "the actors never started"
-    time.sleep(3)  # let training run
+    time.sleep(15)  # let training run
     os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
     process.wait(timeout=60)
     _gone, alive = psutil.wait_procs(actors, timeout=10)
     assert alive == []
     assert "KeyboardInterrupt" in process.stderr.read()
+    # The steps taken are kept, though no checkpoint interval was reached.
+    last = load(tmp_path / "checkpoints" / "last.ckpt")
+    assert last["global_step"] > 0
+    # Ctrl-C may land inside a learner step, after its frames were counted.
+    assert 0 <= int(last["state_dict"]["env_frames"]) - last["global_step"] * FRAMES_PER_STEP <= FRAMES_PER_STEP
 
 
 def test_fit_with_no_config_runs_the_quickstart_settings():

@@ -11,7 +11,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from PIL import Image, ImageSequence
 
 from kart_lightning.callbacks import HeldOutEvaluation
@@ -111,14 +111,27 @@ class StepWatch(HeldOutEvaluation):
         super().handle_reply(trainer, reply)
 
 
+class LastSavedBeforeAnyScore(Callback):
+    """Notes last.ckpt's step as the first evaluation's score is still out."""
+
+    def __init__(self, evaluation: StepWatch, step: int) -> None:
+        self.evaluation, self.step, self.seen = evaluation, step, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step + 1 and not self.evaluation.replies:
+            last = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+            self.seen = torch.load(last, weights_only=False)["global_step"] if last.is_file() else "missing"
+
+
 def test_evaluation_runs_in_its_own_process_while_training_goes_on_and_feeds_model_checkpoint(tmp_path):
     data = ImpalaDataModule(env=CARTPOLE, num_actors=1, unroll_length=5, batch_size=2, eval_episodes=20)
     model = ImpalaModule(obs_shape=data.obs_shape, num_actions=data.num_actions, torso="mlp", hidden_size=16)
     evaluation = StepWatch(every_n_steps=10, final_wait_s=300)
     best = KartCheckpoint(dirpath=tmp_path / "checkpoints", monitor="val/episode_return", mode="max",
-                          every_n_train_steps=10, save_top_k=1)
+                          every_n_train_steps=10, save_top_k=1, save_last=True)
+    early_last = LastSavedBeforeAnyScore(evaluation, step=10)
     trainer = Trainer(default_root_dir=tmp_path, max_steps=300, logger=False, enable_progress_bar=False,
-                      callbacks=[evaluation, best])
+                      callbacks=[evaluation, early_last, best])
     trainer.fit(model, datamodule=data)
 
     assert evaluation.replies, "no evaluation came back"
@@ -126,9 +139,24 @@ def test_evaluation_runs_in_its_own_process_while_training_goes_on_and_feeds_mod
     assert evaluation.steps_while_evaluating >= 20, "training waited for the evaluation"
     assert trainer.callback_metrics["val/CartPole-v1/episodes"] == 20
     assert 1 <= float(trainer.callback_metrics["val/episode_return"]) <= 500
-    assert best.best_model_score is not None and Path(best.best_model_path).is_file()
-    assert policy_path(best.best_model_path).is_file()
     assert evaluation.worker.process is None, "the worker is stopped with fit"
+
+    # The best checkpoint holds the weights that earned the best score, at their step.
+    scores = {reply["step"]: np.mean([episode["return"] for episode in reply["results"]]) for reply in evaluation.replies}
+    best_step = max(scores, key=lambda step: (scores[step], -step))
+    assert float(best.best_model_score) == pytest.approx(scores[best_step])
+    kept = torch.load(best.best_model_path, weights_only=False)
+    assert kept["global_step"] == best_step and Path(best.best_model_path).name == f"epoch=0-step={best_step}.ckpt"
+    policy = torch.jit.load(policy_path(best.best_model_path), _extra_files=(extra := {"kart_lightning.json": ""}))
+    assert json.loads(extra["kart_lightning.json"])["learner_step"] == best_step
+    for name, tensor in policy.state_dict().items():
+        assert torch.equal(tensor, kept["state_dict"][f"policy.{name}"]), name
+    # last.ckpt from the first interval on, without waiting for a score; and at the last step.
+    assert early_last.seen == 10
+    last = torch.load(Path(best.dirpath) / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 300
+    if best_step != 300:
+        assert not torch.equal(last["state_dict"]["policy.torso.0.weight"], kept["state_dict"]["policy.torso.0.weight"])
 
 
 # Recording
