@@ -13,6 +13,7 @@ from typing import Any
 import gymnasium
 import torch
 from jsonargparse import ArgumentError, ArgumentParser
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from kart_lightning.callbacks import EpisodeRecorder, HeldOutEvaluation
@@ -72,10 +73,23 @@ class KartCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self.trainer.limit_val_batches = 0
+        check_monitor(self.trainer)
 
     def _run_subcommand(self, subcommand: str) -> None:
         check_checkpoint(self.config_init[subcommand].get("ckpt_path"), self.model.hparams)
         super()._run_subcommand(subcommand)
+
+
+def check_monitor(trainer: Trainer) -> None:
+    """Raise ConfigError when the checkpoint monitors a `val/` metric with the held-out evaluation
+    off: no score would ever come, and Lightning holds back its periodic saves until one does."""
+    evaluating = any(isinstance(callback, HeldOutEvaluation) and callback.enabled for callback in trainer.callbacks)
+    for checkpoint in trainer.checkpoint_callbacks:
+        if (checkpoint.monitor or "").startswith("val/") and not evaluating:
+            raise ConfigError(
+                f"checkpoint.monitor is {checkpoint.monitor}, which only the held-out evaluation computes, and it "
+                "is off: set evaluation.every_n_steps (or evaluation.every_minutes), or checkpoint.monitor null."
+            )
 
 
 def check_checkpoint(ckpt_path: str | None, model_hparams: dict[str, Any] | None) -> None:

@@ -108,11 +108,10 @@ class KartCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _interval_reached(self, trainer: Trainer) -> bool:
+        # ModelCheckpoint.on_train_batch_end's step and time triggers, without its wait for the monitor.
         by_steps = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
-        interval, now = self._train_time_interval, time.monotonic()
-        by_time = interval is not None and (
-            self._last_time_checked is None or now - self._last_time_checked >= interval.total_seconds()
-        )
+        interval, last, now = self._train_time_interval, self._last_time_checked, time.monotonic()
+        by_time = interval is not None and last is not None and now - last >= interval.total_seconds()
         if by_time:
             self._last_time_checked = now
         return by_steps or by_time

@@ -110,6 +110,8 @@ def test_an_incompatible_checkpoint_is_refused_in_one_sentence(trained):
         (["--ckpt_path", "no/such.ckpt"], "checkpoint no/such.ckpt does not exist"),
         (["--data.num_actors", "1", "--data.batch_size", "16", "--data.slots_per_env", "2"], "slots_per_env=2"),
         (["--data.batch_size", "0"], "data.batch_size is 0"),
+        (["--checkpoint.monitor", "val/episode_return", "--evaluation.every_n_steps", "null"],
+         "set evaluation.every_n_steps"),
     ],
 )
 def test_bad_input_ends_in_one_sentence_and_exit_code_2(args, says):
