@@ -22,8 +22,9 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from kart_lightning.envs.factory import EnvConfig
-from kart_lightning.evaluation import held_out_envs, play_tracks, scalar_metrics, script_bytes, summarize
+from kart_lightning.evaluation import held_out_envs, play_tracks, scalar_metrics, summarize
 from kart_lightning.export import KartCheckpoint, Snapshot, take_snapshot
+from kart_lightning.models import load_script, script_bytes
 from kart_lightning.processes import die_with_parent
 from kart_lightning.recording import RecordOptions, log_recording, record_episode
 
@@ -41,7 +42,7 @@ class EvaluationJob:
     greedy: bool
 
     def run(self) -> dict[str, Any]:
-        policy = _load_policy(self.policy)
+        policy = load_script(self.policy)
         return {"results": list(play_tracks(policy, self.env, self.episodes, self.seed, self.greedy))}
 
 
@@ -54,13 +55,7 @@ class RecordingJob:
     options: RecordOptions
 
     def run(self) -> dict[str, Any]:
-        return {"result": record_episode(_load_policy(self.policy), self.env, self.gif_path, self.options)}
-
-
-def _load_policy(data: bytes) -> torch.jit.ScriptModule:
-    import io
-
-    return torch.jit.load(io.BytesIO(data), map_location="cpu")
+        return {"result": record_episode(load_script(self.policy), self.env, self.gif_path, self.options)}
 
 
 def _serve(requests, replies, parent_pid: int) -> None:
@@ -287,7 +282,7 @@ class EpisodeRecorder(_PeriodicPolicyCallback):
     Args:
         every_n_steps: learner steps between recordings; null for none by steps.
         every_minutes: minutes between recordings; null for none by time.
-        track: the state to record (e.g. MarioCircuit.Act4); null: the first held-out track.
+        track: the state to record (a stable-retro state name or file); null: the first held-out track.
         fps, max_frames, greedy, seed: see RecordOptions.
         final_wait_s: at the last step, how long fit waits for the recording in flight.
     """

@@ -17,9 +17,9 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from kart_lightning.callbacks import EpisodeRecorder, HeldOutEvaluation
-from kart_lightning.data.datamodule import ImpalaDataModule
-from kart_lightning.data.pool import ActorFailed
-from kart_lightning.envs.factory import env_config_from_dict
+from kart_lightning.console import quiet_library_notices
+from kart_lightning.data import ActorFailed, ImpalaDataModule, WeightPublisher
+from kart_lightning.envs import env_config_from_dict
 from kart_lightning.errors import ConfigError
 from kart_lightning.evaluation import held_out_envs
 from kart_lightning.export import KartCheckpoint
@@ -64,6 +64,8 @@ class KartCLI(LightningCLI):
         parser.set_defaults(CHECKPOINT_DEFAULTS)
         parser.add_lightning_class_args(HeldOutEvaluation, "evaluation")
         parser.add_lightning_class_args(EpisodeRecorder, "recorder")
+        # Hands the policy to the DataModule and its weights to the actors after each step.
+        parser.add_lightning_class_args(WeightPublisher, "weights")
         parser.link_arguments("data.obs_shape", "model.obs_shape", apply_on="instantiate")
         parser.link_arguments("data.num_actions", "model.num_actions", apply_on="instantiate")
 
@@ -137,7 +139,7 @@ def record(args: list[str]) -> None:
     )
     parser.add_argument("--ckpt_path", type=str, required=True, help="a .ckpt file written by fit")
     parser.add_argument("--track", type=str | None, default=None,
-                        help="state to drive, e.g. MarioCircuit.Act4 (default: the checkpoint's first held-out track)")
+                        help="state to play, e.g. one of data.eval_env.retro_state (default: the checkpoint's first held-out track)")
     parser.add_argument("--out", type=str | None, default=None,
                         help="GIF file to write (default: beside the checkpoint, NAME-TRACK.gif)")
     parser.add_class_arguments(RecordOptions)
@@ -156,12 +158,14 @@ def record(args: list[str]) -> None:
         result = record_episode(module.policy, env, out, options)
     except gymnasium.error.DependencyNotInstalled as error:
         raise ConfigError(f"{env.id} cannot render frames: {error}") from None
-    race = f", {result['checkpoints']} checkpoints, {result['laps']} laps" if "checkpoints" in result else ""
+    extra = "".join(f", {key} {value}" for key, value in result.items()
+                    if key not in ("return", "length", "gif", "png") and value is not None)
     written = ", ".join(result[key] for key in ("gif", "png") if key in result)
-    print(f"{name}: return {result['return']:.2f} in {result['length']} steps{race}; wrote {written}")
+    print(f"{name}: return {result['return']:.2f} in {result['length']} steps{extra}; wrote {written}")
 
 
 def main(args: list[str] | None = None) -> None:
+    quiet_library_notices()
     args = sys.argv[1:] if args is None else args
     try:
         if args[:1] == ["record"]:

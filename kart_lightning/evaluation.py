@@ -6,7 +6,6 @@ evaluation and recording callbacks during fit (in their own process, see callbac
 """
 
 import dataclasses
-import io
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -14,10 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kart_lightning.envs.factory import EnvConfig, make_env, retro_state_names
-
-RACE_KEYS = ("checkpoints", "laps", "finished", "race_time_s", "best_lap_s")
-"""Episode keys that only races (Super Mario Kart) have."""
+from kart_lightning.envs import EnvConfig, find_family, make_env, retro_state_names
 
 
 def held_out_envs(config: EnvConfig) -> list[tuple[str, EnvConfig]]:
@@ -29,33 +25,19 @@ def held_out_envs(config: EnvConfig) -> list[tuple[str, EnvConfig]]:
     return [(state, dataclasses.replace(config, retro_state=state)) for state in states]
 
 
-def script_bytes(policy: torch.jit.ScriptModule) -> bytes:
-    """The scripted policy as a CPU TorchScript file's bytes: loadable by torch.jit.load anywhere."""
-    buffer = io.BytesIO()
-    torch.jit.save(policy, buffer)
-    buffer.seek(0)
-    cpu_policy = torch.jit.load(buffer, map_location="cpu")
-    cpu_policy.eval()
-    buffer = io.BytesIO()
-    torch.jit.save(cpu_policy, buffer)
-    return buffer.getvalue()
-
-
 class Recording:
-    """What one episode looked like: full-resolution frames (up to `max_frames`) and, for races,
-    the kart's path (x, y, speed per agent step)."""
+    """What one episode looked like: full-resolution frames (up to `max_frames`) and the info of
+    every step (for the env family's picture of the episode, if it draws one)."""
 
     def __init__(self, max_frames: int) -> None:
         self.max_frames = max_frames
         self.frames: list[np.ndarray] = []
-        self.path: list[tuple[int, int, int]] = []
+        self.infos: list[dict[str, Any]] = []
 
     def add(self, env, info: dict[str, Any]) -> None:
         if len(self.frames) < self.max_frames:
             self.frames.append(np.asarray(env.render()).copy())
-        if "race" in info:
-            race = info["race"]
-            self.path.append((race["x"], race["y"], race["speed"]))
+        self.infos.append(info)
 
 
 @torch.no_grad()
@@ -66,8 +48,8 @@ def play_episode(
     greedy: bool,
     recording: Recording | None = None,
 ) -> dict[str, Any]:
-    """One whole episode from `env.reset(seed=seed)`: its return, length in agent steps, and for a
-    race the checkpoints passed, laps, whether it finished, its race time and best lap.
+    """One whole episode from `env.reset(seed=seed)`: its return, length in agent steps and the
+    episode extra stats the env reports on its last step (`info["episode_extra_stats"]`).
 
     Sampled actions come from torch's generator seeded with `seed` for this episode alone, so an
     episode is the same whichever tracks or episodes ran before it, and the caller's generator is
@@ -98,21 +80,7 @@ def _play(policy, env, seed: int, greedy: bool, recording: Recording | None, dev
         reward.fill_(float(step_reward))
         done.fill_(False)
         if terminated or truncated:
-            return _episode_result(total_reward, steps, info)
-
-
-def _episode_result(total_reward: float, steps: int, info: dict[str, Any]) -> dict[str, Any]:
-    result: dict[str, Any] = {"return": total_reward, "length": steps}
-    if "race" in info:
-        race = info["race"]
-        result.update(
-            checkpoints=race["progress"],
-            laps=race["laps_completed"],
-            finished=bool(race["finished"]),
-            race_time_s=race["race_time_s"],
-            best_lap_s=min(race["lap_times_s"]) if race["lap_times_s"] else None,
-        )
-    return result
+            return {"return": total_reward, "length": steps, **info.get("episode_extra_stats", {})}
 
 
 def play_tracks(
@@ -123,20 +91,21 @@ def play_tracks(
     greedy: bool,
 ) -> Iterator[dict[str, Any]]:
     """`episodes` episodes on each held-out track of `config`, seeds seed, seed + 1, ...; each
-    result also names its track and seed. One env at a time: stable-retro allows one per process."""
+    result also names its track, env id and seed. One env at a time: stable-retro allows one per process."""
     for name, track_config in held_out_envs(config):
         env = make_env(track_config, seed=seed)
         try:
             for episode in range(episodes):
                 result = play_episode(policy, env, seed + episode, greedy)
-                yield {"track": name, "seed": seed + episode, **result}
+                yield {"track": name, "env_id": config.id, "seed": seed + episode, **result}
         finally:
             env.close()
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per track: episodes, mean/min/max return, mean length; for races also mean checkpoints and
-    laps, episodes finished, mean race time of the finished ones and the best lap of all."""
+    """Per track: episodes, mean/min/max return, mean length, and each episode extra stat of the
+    env's family summed up as the family says (`KEY_mean`, `KEY_sum`, `KEY_min` or `KEY_max`) over
+    the episodes that reported a value for it (None where none did)."""
     summary: dict[str, dict[str, Any]] = {}
     for track in dict.fromkeys(result["track"] for result in results):
         episodes = [result for result in results if result["track"] == track]
@@ -148,37 +117,30 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "return_max": float(np.max(returns)),
             "length_mean": float(np.mean([result["length"] for result in episodes])),
         }
-        if all("checkpoints" in result for result in episodes):
-            finished = [result for result in episodes if result["finished"]]
-            laps = [result["best_lap_s"] for result in episodes if result["best_lap_s"] is not None]
-            row.update(
-                checkpoints_mean=float(np.mean([result["checkpoints"] for result in episodes])),
-                laps_mean=float(np.mean([result["laps"] for result in episodes])),
-                finished=len(finished),
-                race_time_s_mean=float(np.mean([r["race_time_s"] for r in finished])) if finished else None,
-                best_lap_s=float(min(laps)) if laps else None,
-            )
+        for key, how in find_family(episodes[0]["env_id"]).extra_stats.items():
+            values = [float(result[key]) for result in episodes if result.get(key) is not None]
+            row[f"{key}_{how}"] = float(_AGGREGATIONS[how](values)) if values else None
         summary[track] = row
     return summary
 
 
+_AGGREGATIONS = {"mean": np.mean, "sum": np.sum, "min": np.min, "max": np.max}
+
 _COLUMNS = (
-    ("episodes", "episodes", "{:d}"),
+    ("episodes", "episodes", "{:.0f}"),
     ("return_mean", "return mean", "{:.2f}"),
     ("return_min", "min", "{:.2f}"),
     ("return_max", "max", "{:.2f}"),
     ("length_mean", "steps", "{:.0f}"),
-    ("checkpoints_mean", "checkpoints", "{:.1f}"),
-    ("laps_mean", "laps", "{:.2f}"),
-    ("finished", "finished", "{:d}"),
-    ("race_time_s_mean", "race time s", "{:.2f}"),
-    ("best_lap_s", "best lap s", "{:.2f}"),
 )
 
 
 def format_table(summary: dict[str, dict[str, Any]]) -> str:
-    """The summary as a fixed-width text table, one row per track; race columns only for races."""
-    columns = [column for column in _COLUMNS if any(column[0] in row for row in summary.values())]
+    """The summary as a fixed-width text table, one row per track, extra stats after the return
+    and length (titled by their key: `race_time_s_mean` is "race time s")."""
+    extra = [key for key in dict.fromkeys(key for row in summary.values() for key in row)
+             if key not in {column[0] for column in _COLUMNS}]
+    columns = [*_COLUMNS, *((key, key.rsplit("_", 1)[0].replace("_", " "), "{:.2f}") for key in extra)]
     header = ["track", *(title for _, title, _ in columns)]
     rows = [
         [track, *(_cell(row.get(key), style) for key, _, style in columns)]
@@ -199,14 +161,15 @@ def _cell(value: Any, style: str) -> str:
 
 
 def scalar_metrics(prefix: str, summary: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Loggable numbers: `prefix/episode_return` etc. over all tracks (means of episodes), and
-    `prefix/TRACK/key` per track."""
+    """Loggable numbers: `prefix/episode_KEY` over all tracks for the return, the length and each
+    extra stat summed up as a mean (means of episodes), and `prefix/TRACK/key` per track."""
     metrics: dict[str, float] = {}
     total = sum(row["episodes"] for row in summary.values())
-    for key, name in (("return_mean", "episode_return"), ("length_mean", "episode_length"),
-                      ("checkpoints_mean", "episode_checkpoints"), ("laps_mean", "episode_laps")):
-        if all(key in row for row in summary.values()):
-            metrics[f"{prefix}/{name}"] = sum(row[key] * row["episodes"] for row in summary.values()) / total
+    means = [key for key in dict.fromkeys(key for row in summary.values() for key in row) if key.endswith("_mean")]
+    for key in means:
+        if all(row.get(key) is not None for row in summary.values()):
+            name = f"{prefix}/episode_{key.removesuffix('_mean')}"
+            metrics[name] = sum(row[key] * row["episodes"] for row in summary.values()) / total
     for track, row in summary.items():
         for key, value in row.items():
             if value is not None:

@@ -7,8 +7,8 @@
     action, logits, value, state = policy.act(obs, torch.zeros(1, dtype=torch.long), torch.zeros(1), torch.ones(1, dtype=torch.bool), state, True)
 
 The file also holds `kart_lightning.json` (read it with torch.jit.load(path, _extra_files={...})):
-the observation shape and dtype, the action count and, for Super Mario Kart, the buttons of each
-action, and the env's preprocessing, so a user can rebuild the inputs.
+the observation shape and dtype, the action count and, where the env family names them, what each
+action does, and the env's preprocessing, so a user can rebuild the inputs.
 """
 
 import copy
@@ -23,8 +23,8 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from kart_lightning.envs.factory import EnvConfig
-from kart_lightning.evaluation import script_bytes
+from kart_lightning.envs import EnvConfig, find_family
+from kart_lightning.models import script_bytes
 
 METADATA_FILE = "kart_lightning.json"
 
@@ -46,10 +46,9 @@ def policy_metadata(obs_shape, obs_dtype: str, num_actions: int, env: EnvConfig 
     }
     if env is not None:
         metadata["env"] = dataclasses.asdict(env)
-        if env.id.startswith("SuperMarioKart"):
-            from kart_lightning.envs.mario_kart.actions import ACTION_SETS
-
-            metadata["actions"] = {name: list(buttons) for name, buttons in ACTION_SETS[env.mario_kart.actions].items()}
+        action_names = find_family(env.id).action_names
+        if action_names is not None:
+            metadata["actions"] = action_names(env)
     return metadata
 
 

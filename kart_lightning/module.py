@@ -91,15 +91,13 @@ class ImpalaModule(LightningModule):
         )
         # A buffer, so checkpoints carry it and resume continues the count and the lr schedule.
         self.register_buffer("env_frames", torch.zeros((), dtype=torch.int64))
-        self.episode_return = RunningMean(window=return_window, nan_strategy="ignore")
-        self.episode_length = RunningMean(window=return_window, nan_strategy="ignore")
-        # Races only (Mario Kart): checkpoints passed and laps completed per episode.
-        self.episode_checkpoints = RunningMean(window=return_window, nan_strategy="ignore")
-        self.episode_laps = RunningMean(window=return_window, nan_strategy="ignore")
-        self.race_episodes = 0
+        # Running means of the last `return_window` episodes' return, length and the env's extra
+        # stats, one per `episode_KEY` field of the batches, made as the keys first arrive. A plain
+        # dict: they are logging state, not parts of the model (nor of its summary).
+        self.episode_means: dict[str, RunningMean] = {}
+        self.episodes = 0
         self._checkpoint_step = 0
         self._throughput = deque(maxlen=50)
-        self.episodes = 0
 
     def forward(self, batch: dict[str, torch.Tensor]):
         return self.policy(
@@ -172,24 +170,20 @@ class ImpalaModule(LightningModule):
 
         # Row 0 repeats the previous unroll's last row; count each finished episode once.
         finished = batch["done"][1:] & ~torch.isnan(batch["episode_return"][1:])
-        for value in batch["episode_return"][1:][finished].tolist():
-            self.episode_return.update(value)
-        for value in batch["episode_length"][1:][finished].tolist():
-            self.episode_length.update(value)
         self.episodes += int(finished.sum())
+        for name in [name for name in batch if name.startswith("episode_")]:
+            values = batch[name][1:][finished]
+            values = values[~torch.isnan(values)]
+            if values.numel():
+                mean = self.episode_means.setdefault(
+                    name, RunningMean(window=self.hparams.return_window, nan_strategy="ignore")
+                )
+                for value in values.tolist():
+                    mean.update(value)
+        for name, mean in self.episode_means.items():
+            self.log(f"train/{name}", mean.compute(), prog_bar=name == "episode_return", batch_size=batch_size)
         if self.episodes:
-            self.log("episode/return", self.episode_return.compute(), prog_bar=True, batch_size=batch_size)
-            self.log("episode/length", self.episode_length.compute(), batch_size=batch_size)
             self.log("episodes", float(self.episodes), batch_size=batch_size)
-        races = finished & ~torch.isnan(batch["episode_checkpoints"][1:])
-        for value in batch["episode_checkpoints"][1:][races].tolist():
-            self.episode_checkpoints.update(value)
-        for value in batch["episode_laps"][1:][races].tolist():
-            self.episode_laps.update(value)
-        self.race_episodes += int(races.sum())
-        if self.race_episodes:
-            self.log("episode/checkpoints", self.episode_checkpoints.compute(), prog_bar=True, batch_size=batch_size)
-            self.log("episode/laps", self.episode_laps.compute(), batch_size=batch_size)
 
     # validate and test: one whole episode per step (see EpisodeDataset), summed up per track.
 

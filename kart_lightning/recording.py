@@ -1,5 +1,5 @@
-"""Records one episode of a policy: a GIF at the emulator's full resolution and, for Super Mario
-Kart, the kart's path over the track's map coloured by speed (PNG). Also logs both to TensorBoard.
+"""Records one episode of a policy: a GIF at the emulator's full resolution and, when the env
+family draws one, a picture of the episode (PNG). Also logs both to TensorBoard.
 """
 
 import dataclasses
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tensorboard.compat.proto.summary_pb2 import Summary
 
-from kart_lightning.envs.factory import EnvConfig, make_env
+from kart_lightning.envs import EnvConfig, find_family, make_env
 from kart_lightning.evaluation import Recording, play_episode
 
 
@@ -36,37 +36,28 @@ class RecordOptions:
 def record_episode(
     policy: torch.jit.ScriptModule, config: EnvConfig, gif_path: Path, options: RecordOptions
 ) -> dict[str, Any]:
-    """Play one episode on `config` (its first state) and write `gif_path`, plus a trajectory PNG
-    beside it (`.png`) for a race. Returns the episode's result with the paths written."""
+    """Play one episode on `config` (its first state) and write `gif_path`, plus the env family's
+    picture of the episode beside it (`.png`), if it draws one. Returns the episode's result with
+    the paths written."""
     config = dataclasses.replace(config, render_mode="rgb_array")
+    episode_plot = find_family(config.id).episode_plot
+    gif_path.parent.mkdir(parents=True, exist_ok=True)
     env = make_env(config, seed=options.seed)
     try:
         recording = Recording(options.max_frames)
         result = play_episode(policy, env, options.seed, options.greedy, recording)
-        track_image = _track_image(env) if recording.path else None
+        if episode_plot is not None:
+            # Drawn before the env closes: a picture may read the emulator (a course's map).
+            episode_plot(env, recording.infos, gif_path.with_suffix(".png"))
+            result["png"] = str(gif_path.with_suffix(".png"))
     finally:
         env.close()
-    gif_path.parent.mkdir(parents=True, exist_ok=True)
     # GIF keeps frame times in hundredths of a second: round to the nearest rather than truncate.
     # The writer merges identical consecutive frames into one longer frame.
     frame_ms = 10 * round(100 / options.fps)
     iio.imwrite(gif_path, np.stack(recording.frames), extension=".gif", duration=frame_ms, loop=0)
     result["gif"] = str(gif_path)
-    if track_image is not None:
-        from kart_lightning.envs.mario_kart.track_map import plot_trajectory
-
-        png_path = gif_path.with_suffix(".png")
-        xs, ys, speeds = zip(*recording.path, strict=True)
-        plot_trajectory(track_image, xs, ys, speeds, path=png_path)
-        result["png"] = str(png_path)
     return result
-
-
-def _track_image(env) -> np.ndarray:
-    # Imported here: only races have a map, and reading it needs the emulator of a Mario Kart env.
-    from kart_lightning.envs.mario_kart.track_map import track_map
-
-    return track_map(env.unwrapped)
 
 
 def log_recording(logger, tag: str, result: dict[str, Any], step: int) -> None:

@@ -11,9 +11,10 @@ import torch
 from gymnasium.envs.classic_control import CartPoleEnv
 from lightning.pytorch import Trainer
 
-from kart_lightning.data import ActorFailed, ActorPool, ImpalaDataModule, TrajectoryDataset
+from kart_lightning.data import ActorFailed, ActorPool, ImpalaDataModule, TrajectoryDataset, WeightPublisher
 from kart_lightning.data.inference import InferenceServer, RemoteInference
-from kart_lightning.data.rollout import SharedWeights, create_buffers, empty_batch, rollout_spec, stack_slots
+from kart_lightning.data.rollout import create_buffers, empty_batch, rollout_spec, stack_slots
+from kart_lightning.data.weights import SharedWeights
 from kart_lightning.data.slots import FREE, SlotBoard
 from kart_lightning.envs import EnvConfig
 from kart_lightning.models import ActorCritic
@@ -94,7 +95,7 @@ def test_behaviour_logits_are_what_the_policy_gives_on_the_stored_trajectory(pol
 def test_consecutive_unrolls_of_an_env_overlap_by_one_step(policy, inference):
     pool = make_pool(policy, unroll_length=4, batch_size=1, inference=inference)
     try:
-        dataset = iter(TrajectoryDataset(pool, lambda: None, env_frames_per_step=1, timeout_s=120))
+        dataset = iter(TrajectoryDataset(pool, env_frames_per_step=1, timeout_s=120))
         first, second = next(dataset), next(dataset)
     finally:
         pool.close()
@@ -123,7 +124,7 @@ def test_no_actor_process_survives_an_exception_during_fit(tmp_path):
     data = ImpalaDataModule(env=CARTPOLE, num_actors=2, unroll_length=5, batch_size=2)
     model = FailingModule(obs_shape=data.obs_shape, num_actions=data.num_actions, torso="mlp", hidden_size=16)
     trainer = Trainer(default_root_dir=tmp_path, max_steps=10, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, limit_val_batches=0)
+                      enable_progress_bar=False, limit_val_batches=0, callbacks=[WeightPublisher()])
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit(model, datamodule=data)
     assert data.pool is None

@@ -14,8 +14,8 @@ from kart_lightning.envs import (
     EnvConfig,
     EnvConfigError,
     UnknownEnvError,
-    check_env_id,
     env_frames_per_step,
+    find_family,
     make_env,
 )
 
@@ -89,7 +89,7 @@ def test_same_seed_gives_same_first_observation():
 
 def test_unknown_env_id_raises_error_naming_the_fix():
     with pytest.raises(UnknownEnvError, match=r"Unknown env id 'Foo-v9': use a gymnasium id"):
-        check_env_id("Foo-v9")
+        find_family("Foo-v9")
     with pytest.raises(UnknownEnvError, match=r"did you mean 'ALE/Pong-v5'"):
         make_env(EnvConfig(id="ALE/Pongg-v5"))
 

@@ -18,12 +18,14 @@ import gymnasium
 import numpy as np
 import pytest
 import stable_retro
+import yaml
 import torch
 from gymnasium.spaces import Box, Discrete, MultiBinary
 from gymnasium.wrappers import TimeLimit
 
-from kart_lightning.envs import EnvConfigError, MarioKartConfig, mario_kart
-from kart_lightning.envs.factory import EnvConfig, _retro_state, check_env_id, make_env
+from kart_lightning.envs import EnvConfig, EnvConfigError, find_family, make_env, mario_kart
+from kart_lightning.envs.mario_kart.config import MarioKartConfig
+from kart_lightning.envs.retro import _retro_state
 from kart_lightning.envs.mario_kart import import_rom, states
 from kart_lightning.envs.mario_kart.actions import ACTION_SETS, SNES_BUTTONS, button_table, discrete_actions
 from kart_lightning.envs.mario_kart.game import AIRBORNE, DRIVER_VIEW_ROWS
@@ -103,8 +105,9 @@ def test_importing_the_package_registers_the_game_with_stable_retro() -> None:
     assert GAME in stable_retro.data.list_games(stable_retro.data.Integrations.ALL)
 
 
-def test_the_env_factory_recognises_the_game_as_a_retro_game() -> None:
-    assert check_env_id(GAME) == "retro"
+def test_the_env_registry_finds_the_game_family_by_its_id() -> None:
+    assert find_family(GAME) is mario_kart.FAMILY
+    assert find_family(GAME).envs_per_process == 1
 
 
 def test_data_json_declares_every_variable_of_the_design_ram_map_and_the_track_and_driver() -> None:
@@ -192,9 +195,12 @@ def test_every_track_has_its_own_course_id_and_course_select_place() -> None:
     assert len({(track.cup, track.course) for track in TRACKS}) == len(TRACKS)
 
 
-def test_the_default_split_tracks_are_all_known() -> None:
-    for name in ("MarioCircuit.Act1", "MarioCircuit.Act2", "MarioCircuit.Act3", "MarioCircuit.Act4"):
+def test_the_mario_kart_configs_name_known_tracks_and_hold_out_mario_circuit_4() -> None:
+    config = yaml.safe_load((REPO / "configs" / "impala.yaml").read_text())["data"]
+    trained, held_out = config["env"]["retro_state"], config["eval_env"]["retro_state"]
+    for name in [*trained, held_out]:
         assert get_track(name).name == name
+    assert held_out == "MarioCircuit.Act4" and held_out not in trained
 
 
 def test_an_unknown_track_is_a_config_error_listing_the_known_ones() -> None:
@@ -420,12 +426,12 @@ def test_drive_item_adds_accelerating_while_using_the_item_with_a() -> None:
 
 def test_an_unknown_action_set_is_a_config_error_naming_the_sets() -> None:
     with pytest.raises(EnvConfigError, match="use one of drive, drive_item"):
-        make_env(EnvConfig(id=GAME, mario_kart=MarioKartConfig(actions="fly")))
+        make_env(EnvConfig(id=GAME, options=MarioKartConfig(actions="fly")))
 
 
 def test_laps_beyond_the_race_are_a_config_error() -> None:
     with pytest.raises(EnvConfigError, match="set it to 1 to 5"):
-        make_env(EnvConfig(id=GAME, mario_kart=MarioKartConfig(laps=6)))
+        make_env(EnvConfig(id=GAME, options=MarioKartConfig(laps=6)))
 
 
 # Several tracks
@@ -462,7 +468,7 @@ def test_an_empty_list_of_states_is_a_config_error() -> None:
 
 
 def _kart_env(**kart: object) -> gymnasium.Env:
-    return make_env(EnvConfig(id=GAME, retro_state="MarioCircuit.Act1", mario_kart=MarioKartConfig(**kart)))
+    return make_env(EnvConfig(id=GAME, retro_state="MarioCircuit.Act1", options=MarioKartConfig(**kart)))
 
 
 def _drive(env: gymnasium.Env, script: list[tuple[str, int]]) -> tuple[list[float], list[dict]]:
@@ -510,7 +516,7 @@ def test_accelerating_from_the_grid_earns_progress_reward(in_rom_cache: Path) ->
 def test_accelerating_from_a_gp50_grid_crosses_the_line_and_earns_progress_reward(in_rom_cache: Path) -> None:
     env = make_env(
         EnvConfig(
-            id=GAME, retro_state="MarioCircuit.Act1.GP50", mario_kart=MarioKartConfig(actions="drive_item")
+            id=GAME, retro_state="MarioCircuit.Act1.GP50", options=MarioKartConfig(actions="drive_item")
         )
     )
     try:

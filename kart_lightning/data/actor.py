@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from kart_lightning.data.inference import LocalInference, RemoteInference
-from kart_lightning.data.rollout import SharedWeights
 from kart_lightning.data.slots import ParentGone, SlotBoard
+from kart_lightning.data.weights import SharedWeights
 from kart_lightning.envs import EnvConfig, make_env
 from kart_lightning.processes import die_with_parent
 
@@ -25,10 +25,16 @@ class ActorSpec:
     env: EnvConfig
     num_envs: int
     seed: int
+    """Env k of this actor is seeded seed + k."""
+    action_seed: int
+    """Seeds this process's torch generator, which samples the actions: distinct per run seed,
+    actor and restart, so no two actors (nor an actor and its restart) replay one random stream."""
     unroll_length: int
     parent_pid: int
     torch_threads: int
-    # Actor inference: the scripted policy (torch.jit.save bytes). Learner inference: None.
+    extra_stats: tuple[str, ...]
+    """The env family's episode extra stats, written as `episode_KEY` rows (see rollout_spec)."""
+    # Actor inference: the scripted policy (script_bytes). Learner inference: None.
     policy_bytes: bytes | None
 
 
@@ -53,7 +59,7 @@ class LearnerLink:
     responses: dict[str, torch.Tensor]
 
 
-def act(
+def run_actor(
     spec: ActorSpec,
     buffers: dict[str, torch.Tensor],
     weights: SharedWeights | None,
@@ -65,6 +71,7 @@ def act(
     """Entry point of an actor process: run until the parent goes away or the process is stopped."""
     die_with_parent(spec.parent_pid)
     torch.set_num_threads(spec.torch_threads)
+    torch.manual_seed(spec.action_seed)
     try:
         if link is None:
             inference = LocalInference(spec.policy_bytes, weights, spec.num_envs)
@@ -124,10 +131,8 @@ class EnvGroup:
         self.done = torch.ones(n, dtype=torch.bool)
         self.truncation_value = torch.zeros(n)
         self.prev_action = torch.zeros(n, dtype=torch.int64)
-        self.episode_return = torch.full((n,), float("nan"))
-        self.episode_length = torch.full((n,), float("nan"))
-        self.episode_checkpoints = torch.full((n,), float("nan"))
-        self.episode_laps = torch.full((n,), float("nan"))
+        self.stat_names = ("return", "length", *spec.extra_stats)
+        self.episode_stats = self._no_episode_ended(n)
         self.slots: torch.Tensor | None = None
         self.t = 0
 
@@ -163,12 +168,14 @@ class EnvGroup:
         row = {
             "obs": self.obs, "reward": self.reward, "done": self.done,
             "truncation_value": self.truncation_value, "prev_action": self.prev_action,
-            "episode_return": self.episode_return, "episode_length": self.episode_length,
-            "episode_checkpoints": self.episode_checkpoints, "episode_laps": self.episode_laps,
-            "action": action, "behaviour_logits": logits,
+            "action": action, "behaviour_logits": logits, **self.episode_stats,
         }
         for name, value in row.items():
             buffers[name][self.slots, self.t] = value
+
+    def _no_episode_ended(self, n: int) -> dict[str, torch.Tensor]:
+        """`episode_KEY` [n] rows of NaN: no episode ended on arriving at this step."""
+        return {f"episode_{name}": torch.full((n,), float("nan")) for name in self.stat_names}
 
     def step(self, action: torch.Tensor, inference, row_offset: int) -> None:
         """Step each env once with `action` [n]; reset those whose episode ended."""
@@ -176,10 +183,7 @@ class EnvGroup:
         observations, rewards = [], torch.zeros(n)
         done = torch.zeros(n, dtype=torch.bool)
         self.truncation_value = torch.zeros(n)
-        self.episode_return = torch.full((n,), float("nan"))
-        self.episode_length = torch.full((n,), float("nan"))
-        self.episode_checkpoints = torch.full((n,), float("nan"))
-        self.episode_laps = torch.full((n,), float("nan"))
+        self.episode_stats = self._no_episode_ended(n)
         truncated_obs, truncated = [], []
         for i, k in enumerate(range(self.envs.start, self.envs.stop)):
             try:
@@ -193,11 +197,11 @@ class EnvGroup:
                 continue
             rewards[i] = float(reward)
             if "episode" in info:
-                self.episode_return[i] = float(info["episode"]["r"])
-                self.episode_length[i] = float(info["episode"]["l"])
-                if "race" in info:
-                    self.episode_checkpoints[i] = float(info["race"]["progress"])
-                    self.episode_laps[i] = float(info["race"]["laps_completed"])
+                stats = {"return": info["episode"]["r"], "length": info["episode"]["l"],
+                         **info.get("episode_extra_stats", {})}
+                for name in self.stat_names:
+                    if stats.get(name) is not None:
+                        self.episode_stats[f"episode_{name}"][i] = float(stats[name])
             if terminated or truncated_now:
                 done[i] = True
                 if truncated_now and not terminated:

@@ -2,8 +2,8 @@
 and the evaluation episodes, and tells the model what the environment looks like."""
 
 import dataclasses
-import math
 import os
+from collections.abc import Mapping
 from typing import Literal
 
 import numpy as np
@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 
 from kart_lightning.data.dataset import EpisodeDataset, TrajectoryDataset
 from kart_lightning.data.pool import ActorPool
-from kart_lightning.envs import EnvConfig, check_env_id, env_frames_per_step, make_env
+from kart_lightning.data.slots import least_slots_per_env
+from kart_lightning.envs import EnvConfig, env_frames_per_step, find_family, make_env
 from kart_lightning.errors import ConfigError
 
 # The quickstart game: ships with stable-retro, so `fit` runs on a fresh machine with no ROM.
@@ -21,7 +22,11 @@ QUICKSTART_ENV = EnvConfig()
 
 
 class ImpalaDataModule(LightningDataModule):
-    """Trajectories from a pool of actor processes for `fit`; in-process episodes for `validate`/`test`."""
+    """Trajectories from a pool of actor processes for `fit`; in-process episodes for `validate`/`test`.
+
+    It plays the policy it is given (`connect_policy`, which the WeightPublisher callback calls
+    in setup) and takes new weights through `publish_weights`.
+    """
 
     def __init__(
         self,
@@ -53,8 +58,8 @@ class ImpalaDataModule(LightningDataModule):
             unroll_length: T, agent steps per trajectory; a slot holds T+1 (the last step is repeated
                 as the first of the next unroll).
             batch_size: B, trajectories per learner batch.
-            slots_per_env: Shared-memory rollout slots per env; default 2 + ceil(batch_size / envs),
-                the fewest that can never deadlock, plus one so actors keep acting.
+            slots_per_env: Shared-memory rollout slots per env; default 2 + ceil((batch_size - 1) / envs),
+                one more than the fewest that can never deadlock, so actors keep acting.
             seed: Base seed; env k of actor i is seeded seed + 10000 * i + k.
             start_method: How actor processes start; spawn is safe with threads and CUDA.
             inference: Where actions are computed. actor: each actor runs a CPU copy of the policy,
@@ -72,7 +77,7 @@ class ImpalaDataModule(LightningDataModule):
             rollout_timeout_s: Give up (with an error) when no trajectory arrives for this long.
             eval_env: The held-out environment that `validate`, `test` and the evaluation and
                 recording callbacks play; each state of a `retro_state` list is one held-out
-                track (e.g. [MarioCircuit.Act4, DonutPlains.Act1]). Default: the training env.
+                track (tracks or levels never trained on). Default: the training env.
             eval_episodes: Episodes per held-out track.
             eval_seed: First seed of the evaluation episodes (held out from training seeds).
             eval_greedy: Act greedily (argmax) in evaluation instead of sampling.
@@ -82,19 +87,22 @@ class ImpalaDataModule(LightningDataModule):
         for name in ("num_actors", "envs_per_actor", "unroll_length", "batch_size", "eval_episodes"):
             if getattr(self.hparams, name) < 1:
                 raise ConfigError(f"data.{name} is {getattr(self.hparams, name)}: set it to 1 or more.")
-        least_slots_per_env = 1 + math.ceil((batch_size - 1) / (num_actors * envs_per_actor))
-        if slots_per_env is not None and slots_per_env < least_slots_per_env:
+        least = least_slots_per_env(num_actors * envs_per_actor, batch_size)
+        if slots_per_env is not None and slots_per_env < least:
             raise ConfigError(
                 f"data.slots_per_env={slots_per_env} is too few for {num_actors * envs_per_actor} envs to "
-                f"fill a batch of {batch_size}: set it to at least {least_slots_per_env}, or leave it unset."
+                f"fill a batch of {batch_size}: set it to at least {least}, or leave it unset."
             )
-        if check_env_id(env.id) == "retro" and envs_per_actor > 1:
+        family = find_family(env.id)
+        if family.envs_per_process is not None and envs_per_actor > family.envs_per_process:
             raise ConfigError(
-                "stable-retro runs one emulator per process: set data.envs_per_actor to 1 and raise "
-                "data.num_actors instead."
+                f"{family.name} runs at most {family.envs_per_process} env(s) per process: set "
+                f"data.envs_per_actor to {family.envs_per_process} and raise data.num_actors instead."
             )
         if eval_env is not None:
-            check_env_id(eval_env.id)
+            find_family(eval_env.id)
+        self.extra_stats: Mapping[str, str] = family.extra_stats
+        """The env family's episode extra stats and how each sums up (see envs.registry)."""
         self.env = env
         # Evaluation plays whole games: a lost life does not end its episodes.
         self.eval_env = dataclasses.replace(eval_env or env, episodic_life=False)
@@ -108,13 +116,17 @@ class ImpalaDataModule(LightningDataModule):
             probe.close()
         self.env_frames_per_step = env_frames_per_step(env)
         self.pool: ActorPool | None = None
+        self.policy: torch.jit.ScriptModule | None = None
+        self.device = torch.device("cpu")
 
-    def setup(self, stage: str) -> None:
+    def connect_policy(self, policy: torch.jit.ScriptModule, device: torch.device, stage: str) -> None:
+        """The policy to play: `fit` starts the actor pool with it (learner inference on `device`);
+        `validate` and `test` play their episodes with it."""
+        self.policy, self.device = policy, device
         if stage == "fit" and self.pool is None:
-            module = self.trainer.lightning_module
             hp = self.hparams
             self.pool = ActorPool(
-                policy=module.policy,
+                policy=policy,
                 env=self.env,
                 obs_shape=self.obs_shape,
                 obs_dtype=self.obs_dtype,
@@ -128,10 +140,11 @@ class ImpalaDataModule(LightningDataModule):
                 slots_per_env=hp.slots_per_env,
                 actor_threads=hp.actor_threads,
                 max_actor_failures=hp.max_actor_failures,
-                inference=self.inference_mode(),
-                device=self.trainer.strategy.root_device,
+                inference=self.inference_mode(device),
+                device=device,
                 inference_batch_envs=hp.inference_batch_envs,
                 inference_timeout_s=hp.inference_timeout_s,
+                extra_stats=tuple(self.extra_stats),
             )
             # The learner gets the cores the actors leave.
             cores = os.cpu_count() or 1
@@ -139,28 +152,36 @@ class ImpalaDataModule(LightningDataModule):
                 hp.learner_threads or max(1, cores - hp.num_actors * hp.actor_threads)
             )
 
-    def inference_mode(self) -> str:
+    def inference_mode(self, device: torch.device) -> str:
         """`actor` or `learner`, resolving `auto` by the learner's device."""
         if self.hparams.inference != "auto":
             return self.hparams.inference
-        return "learner" if self.trainer.strategy.root_device.type == "cuda" else "actor"
+        return "learner" if device.type == "cuda" else "actor"
 
-    def _publish_weights(self) -> None:
-        module = self.trainer.lightning_module
-        if self.pool.version != module.global_step:
-            self.pool.publish(module.policy.state_dict(), module.global_step)
+    def publish_weights(self, state: Mapping[str, torch.Tensor], version: int) -> None:
+        """Hand the actors (or the inference server) the learner's weights of step `version`."""
+        if self.pool is not None and self.pool.version != version:
+            self.pool.publish(state, version)
 
     def train_dataloader(self) -> DataLoader:
+        if self.pool is None:
+            raise RuntimeError(
+                "ImpalaDataModule has no actors: add kart_lightning.data.WeightPublisher to the Trainer's callbacks."
+            )
         # The actor pool is the workers and the dataset yields whole batches.
         dataset = TrajectoryDataset(
-            self.pool, self._publish_weights, self.env_frames_per_step, self.hparams.rollout_timeout_s,
-            pin_memory=self.trainer.strategy.root_device.type == "cuda",
+            self.pool, self.env_frames_per_step, self.hparams.rollout_timeout_s,
+            pin_memory=self.device.type == "cuda",
         )
         return DataLoader(dataset, batch_size=None, num_workers=0)
 
     def _episodes(self) -> DataLoader:
+        if self.policy is None:
+            raise RuntimeError(
+                "ImpalaDataModule has no policy: add kart_lightning.data.WeightPublisher to the Trainer's callbacks."
+            )
         dataset = EpisodeDataset(
-            self.trainer.lightning_module.policy,
+            self.policy,
             self.eval_env,
             episodes=self.hparams.eval_episodes,
             seed=self.hparams.eval_seed,

@@ -2,7 +2,7 @@
 played in-process by the current policy."""
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -17,10 +17,12 @@ from kart_lightning.evaluation import held_out_envs, play_tracks
 class TrajectoryDataset(IterableDataset):
     """Endless learner batches: dicts of time-major [T+1, B, ...] tensors (see `rollout_spec`).
 
-    Before each batch it calls `publish_weights`, so actors act with the weights of the latest
-    learner step. It has no `__len__`: a run is bounded by frames, not epochs. With `pin_memory`
-    batches are written into a few rotating pinned buffers, so frames are copied once on the host
-    and the copy to the GPU is asynchronous.
+    It has no `__len__`: a run is bounded by frames, not epochs. Lightning takes each batch one
+    step ahead of training it, so when a run stops, the batch it took last is dropped untrained;
+    its frames were never counted (the module counts the frames it trains on), so budgets and
+    frames/s stay exact. With `pin_memory` batches are written into a few rotating pinned buffers,
+    so frames are copied once on the host and the copy to the GPU is asynchronous. Weights flow
+    the other way, from the learner's step (see WeightPublisher).
     """
 
     # The batch in training, the one Lightning prefetches, and the one being written.
@@ -29,13 +31,11 @@ class TrajectoryDataset(IterableDataset):
     def __init__(
         self,
         pool: ActorPool,
-        publish_weights: Callable[[], None],
         env_frames_per_step: int,
         timeout_s: float,
         pin_memory: bool = False,
     ) -> None:
         self.pool = pool
-        self.publish_weights = publish_weights
         self.env_frames_per_batch = pool.unroll_length * pool.batch_size * env_frames_per_step
         self.timeout_s = timeout_s
         self.pin_memory = pin_memory
@@ -46,7 +46,6 @@ class TrajectoryDataset(IterableDataset):
             for _ in range(self.PINNED_BATCHES if self.pin_memory else 0)
         ]
         for step in itertools.count():
-            self.publish_weights()
             slots = self.pool.take_batch_slots(self.timeout_s)
             batch = stack_slots(self.pool.buffers, slots, out=pinned[step % len(pinned)] if pinned else None)
             self.pool.release(slots)
@@ -58,7 +57,7 @@ class TrajectoryDataset(IterableDataset):
 class EpisodeDataset(IterableDataset):
     """Plays `episodes` whole episodes on each held-out track of `env` with the policy, in this
     process, and yields one result dict per episode (see evaluation.play_episode): track, seed,
-    return, length and, for races, checkpoints, laps, finished, race time and best lap."""
+    return, length and the env family's episode extra stats."""
 
     def __init__(
         self, policy: torch.jit.ScriptModule, env: EnvConfig, episodes: int, seed: int, greedy: bool

@@ -1,8 +1,6 @@
 """Where actors get their actions: a CPU copy of the policy inside the actor, or the learner's
 inference server, which batches the requests of all actors on the learner's device (GA3C)."""
 
-import io
-import os
 import queue
 import threading
 import time
@@ -10,8 +8,11 @@ from multiprocessing.connection import Connection, wait
 
 import torch
 
-from kart_lightning.data.rollout import SharedWeights, create_buffers
+from kart_lightning.data.rollout import create_buffers
 from kart_lightning.data.slots import ParentGone
+from kart_lightning.data.weights import SharedWeights
+from kart_lightning.models import load_script, script_bytes
+from kart_lightning.processes import parent_alive
 
 PARENT_CHECK_S = 1.0
 SERVER_WAIT_S = 0.05
@@ -49,8 +50,7 @@ class LocalInference:
     unroll boundaries. Steps are computed at `submit`; `result` hands them over."""
 
     def __init__(self, policy_bytes: bytes, weights: SharedWeights, num_envs: int) -> None:
-        self.policy = torch.jit.load(io.BytesIO(policy_bytes), map_location="cpu")
-        self.policy.eval()
+        self.policy = load_script(policy_bytes)
         self.weights = weights
         self.policy_state = self.policy.state_dict(keep_vars=True)
         self.version = weights.copy_into(self.policy_state)
@@ -110,7 +110,7 @@ class RemoteInference:
                     self.answered.add(self.connection.recv())
                 except (EOFError, OSError):
                     raise ParentGone from None
-            elif os.getppid() != self.parent_pid:
+            elif not parent_alive(self.parent_pid):
                 raise ParentGone
         self.answered.remove(answer)
 
@@ -150,11 +150,7 @@ class InferenceServer:
         max_batch_envs: int | None,
         batch_timeout_s: float,
     ) -> None:
-        buffer = io.BytesIO()
-        torch.jit.save(policy, buffer)
-        buffer.seek(0)
-        self.policy = torch.jit.load(buffer, map_location=device)
-        self.policy.eval()
+        self.policy = load_script(script_bytes(policy), device)
         self.device = device
         self.envs_per_actor = envs_per_actor
         num_rows = num_actors * envs_per_actor

@@ -2,21 +2,25 @@
 actors that die, stop. Every child is gone after `close()`, after the learner dies, and at exit."""
 
 import atexit
-import io
+import dataclasses
 import logging
-import math
 import os
 import queue
 import time
 
+import numpy as np
+
 import torch
 import torch.multiprocessing as mp
 
-from kart_lightning.data.actor import ActorCounters, ActorSpec, LearnerLink, act
+from kart_lightning.data.actor import ActorCounters, ActorSpec, LearnerLink, run_actor
 from kart_lightning.data.inference import InferenceServer
-from kart_lightning.data.rollout import SharedWeights, create_buffers, rollout_spec
-from kart_lightning.data.slots import FILLING, FULL, SlotBoard
+from kart_lightning.data.rollout import create_buffers, rollout_spec
+from kart_lightning.data.slots import FILLING, FULL, SlotBoard, default_slots_per_env
+from kart_lightning.data.weights import SharedWeights
 from kart_lightning.envs import EnvConfig
+from kart_lightning.models import script_bytes
+from kart_lightning.processes import stop_processes
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +33,9 @@ class ActorFailed(RuntimeError):
     """Actors keep dying before they finish an unroll; carries the last traceback."""
 
 
-def slots_per_env_for(num_envs: int, batch_size: int) -> int:
-    """Enough slots per env that the actors can always complete a batch (no deadlock: while the
-    learner waits, the FULL slots of actors that wait for a free one already make a batch), plus
-    one so actors keep acting while the learner copies a batch out."""
-    return 2 + math.ceil(batch_size / num_envs)
+def action_seed(seed: int, actor: int, restarts: int) -> int:
+    """The torch seed of an actor process: a hash of (run seed, actor index, its restart count)."""
+    return int(np.random.SeedSequence([seed, actor, restarts]).generate_state(1)[0])
 
 
 class ActorPool:
@@ -63,14 +65,15 @@ class ActorPool:
         device: torch.device | None = None,
         inference_batch_envs: int | None = None,
         inference_timeout_s: float = 0.001,
+        extra_stats: tuple[str, ...] = (),
     ) -> None:
         self.batch_size = batch_size
         self.unroll_length = unroll_length
         self.max_actor_failures = max_actor_failures
-        slots_per_env = slots_per_env or slots_per_env_for(num_actors * envs_per_actor, batch_size)
+        slots_per_env = slots_per_env or default_slots_per_env(num_actors * envs_per_actor, batch_size)
         self.board = SlotBoard(num_actors, slots_per_env * envs_per_actor)
         core_state_size = policy.initial_state(1)[0].shape[-1]
-        spec = rollout_spec(obs_shape, obs_dtype, num_actions, unroll_length, core_state_size)
+        spec = rollout_spec(obs_shape, obs_dtype, num_actions, unroll_length, core_state_size, extra_stats)
         self.buffers = create_buffers(spec, self.board.num_slots)
         self.counters = ActorCounters.create(num_actors)
 
@@ -86,18 +89,19 @@ class ActorPool:
             )
         else:
             self.weights = SharedWeights(policy.state_dict(), self.context)
-            policy_file = io.BytesIO()
-            torch.jit.save(policy, policy_file)
-            policy_bytes = policy_file.getvalue()
+            policy_bytes = script_bytes(policy)
+        self.seed = seed
         self.specs = [
             ActorSpec(
                 index=index, env=env, num_envs=envs_per_actor, seed=seed + 10_000 * index,
-                unroll_length=unroll_length, parent_pid=os.getpid(), torch_threads=actor_threads,
+                action_seed=action_seed(seed, index, 0), unroll_length=unroll_length,
+                parent_pid=os.getpid(), torch_threads=actor_threads, extra_stats=tuple(extra_stats),
                 policy_bytes=policy_bytes,
             )
             for index in range(num_actors)
         ]
         self.restarts = 0
+        self.actor_restarts = [0] * num_actors
         self.failures = [0] * num_actors
         self.unrolls_at_start = [0] * num_actors
         self.last_errors: dict[int, str] = {}
@@ -117,7 +121,7 @@ class ActorPool:
                 self.server.connect(index, self.context), self.server.requests, self.server.responses
             )
         process = self.context.Process(
-            target=act,
+            target=run_actor,
             args=(self.specs[index], self.buffers, self.weights, link, self.board, self.counters, self.errors),
             name=f"kart-actor-{index}",
             daemon=True,
@@ -179,6 +183,10 @@ class ActorPool:
                 )
             recycled = self.board.recycle(index)
             self.restarts += 1
+            self.actor_restarts[index] += 1
+            self.specs[index] = dataclasses.replace(
+                self.specs[index], action_seed=action_seed(self.seed, index, self.actor_restarts[index])
+            )
             log.warning(
                 "actor %d exited with code %s; restarting it (%d restarts so far, %d slots recycled)",
                 index, process.exitcode, self.restarts, recycled,
@@ -210,15 +218,7 @@ class ActorPool:
         if self.closed:
             return
         self.closed = True
-        for process in self.processes:
-            if process.is_alive():
-                process.terminate()
-        deadline = time.monotonic() + JOIN_TIMEOUT_S
-        for process in self.processes:
-            process.join(timeout=max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                process.kill()
-                process.join()
+        stop_processes(self.processes, JOIN_TIMEOUT_S)
         if self.server is not None:
             self.server.stop()
         self.errors.cancel_join_thread()

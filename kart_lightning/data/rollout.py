@@ -3,7 +3,6 @@
 A slot holds one unroll of T+1 steps of one environment; actors write slots, the learner reads them.
 """
 
-import time
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -17,6 +16,7 @@ def rollout_spec(
     num_actions: int,
     unroll_length: int,
     core_state_size: int,
+    extra_stats: Sequence[str] = (),
 ) -> Spec:
     """Fields of one slot. Row t holds what led into step t and what the actor did at step t.
 
@@ -29,9 +29,8 @@ def rollout_spec(
       prev_action [T+1] int64: the action that led to obs[t] (a model input, as in the paper).
       episode_return [T+1] float32 and episode_length [T+1] float32: statistics of the episode
         that ended on arriving at obs[t], NaN where none ended.
-      episode_checkpoints [T+1] float32 and episode_laps [T+1] float32: for a race (Mario Kart),
-        the checkpoints passed (net of those driven back) and laps completed in that episode; NaN
-        where none ended or the env is not a race.
+      episode_KEY [T+1] float32 for each KEY of `extra_stats`: the env family's episode extra
+        stats (see envs.registry) of that episode, NaN where none ended or it reported no value.
     Departure fields (the actor at obs[t]):
       obs [T+1, *obs_shape], action [T+1] int64, behaviour_logits [T+1, A] float32.
     Per slot: core_h, core_c [1, H]: the core state before obs[0]; policy_version []: the learner
@@ -46,8 +45,7 @@ def rollout_spec(
         "prev_action": ((steps,), torch.int64),
         "episode_return": ((steps,), torch.float32),
         "episode_length": ((steps,), torch.float32),
-        "episode_checkpoints": ((steps,), torch.float32),
-        "episode_laps": ((steps,), torch.float32),
+        **{f"episode_{key}": ((steps,), torch.float32) for key in extra_stats},
         "action": ((steps,), torch.int64),
         "behaviour_logits": ((steps, num_actions), torch.float32),
         "core_h": ((1, core_state_size), torch.float32),
@@ -89,41 +87,3 @@ def empty_batch(buffers: Mapping[str, torch.Tensor], batch_size: int, pin_memory
         shape.insert(0 if buffer.dim() == 1 else 1, batch_size)
         batch[name] = torch.empty(shape, dtype=buffer.dtype, pin_memory=pin_memory)
     return batch
-
-
-class SharedWeights:
-    """The latest policy weights in shared memory, with a version (the learner step that made them).
-
-    The learner publishes after its updates; actors copy in when the version moves. A sequence
-    counter, odd while the learner writes, stands in for a lock: a reader that saw it move copies
-    again, and an actor killed mid-copy cannot leave anything held that would block the learner.
-    """
-
-    def __init__(self, state: Mapping[str, torch.Tensor], context) -> None:
-        self.tensors = {
-            name: tensor.detach().to("cpu", copy=True).share_memory_() for name, tensor in state.items()
-        }
-        self.version = context.Value("q", 0, lock=False)
-        self.sequence = context.Value("q", 0, lock=False)
-
-    def publish(self, state: Mapping[str, torch.Tensor], version: int) -> None:
-        with torch.no_grad():
-            self.sequence.value += 1
-            for name, tensor in state.items():
-                self.tensors[name].copy_(tensor.detach())
-            self.version.value = version
-            self.sequence.value += 1
-
-    def copy_into(self, state: Mapping[str, torch.Tensor]) -> int:
-        """Copy the published weights into ``state`` (tensors aliasing a module's); return their version."""
-        with torch.no_grad():
-            while True:
-                before = self.sequence.value
-                if before % 2:
-                    time.sleep(0.0005)
-                    continue
-                for name, tensor in state.items():
-                    tensor.copy_(self.tensors[name])
-                version = self.version.value
-                if self.sequence.value == before:
-                    return version

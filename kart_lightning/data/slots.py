@@ -3,14 +3,28 @@
 No locks and no queues: a killed actor cannot wedge the learner or the other actors.
 """
 
-import os
+import math
 import time
 
 import torch
 
+from kart_lightning.processes import parent_alive
+
 FREE, FILLING, FULL, LEARNING = 0, 1, 2, 3
 ACTOR_POLL_S = 0.001
 PARENT_CHECK_S = 1.0
+
+
+def least_slots_per_env(num_envs: int, batch_size: int) -> int:
+    """The fewest slots per env with which `num_envs` envs can always complete a batch of
+    `batch_size`: while the learner waits, the FULL slots of every env that waits for a free one
+    already make a batch (each env fills one slot at a time, and holds the rest FULL)."""
+    return 1 + math.ceil((batch_size - 1) / num_envs)
+
+
+def default_slots_per_env(num_envs: int, batch_size: int) -> int:
+    """One more than the least, so actors keep acting while the learner copies a batch out."""
+    return least_slots_per_env(num_envs, batch_size) + 1
 
 
 class ParentGone(Exception):
@@ -50,7 +64,7 @@ class SlotBoard:
                 return slots
             time.sleep(ACTOR_POLL_S)
             if time.monotonic() > next_parent_check:
-                if os.getppid() != parent_pid:
+                if not parent_alive(parent_pid):
                     raise ParentGone
                 next_parent_check = time.monotonic() + PARENT_CHECK_S
 

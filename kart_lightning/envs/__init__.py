@@ -1,34 +1,32 @@
-"""Environments: one factory builds every game from an EnvConfig, plus its generic wrappers.
+"""Environments: one factory builds every game from an EnvConfig through the family registry.
 
-Import from here: `from kart_lightning.envs import EnvConfig, make_env`.
+Import from here: `from kart_lightning.envs import EnvConfig, make_env`. Each sub-package is a
+game family's folder and registers itself (see registry.py).
 """
 
-from kart_lightning.envs.factory import (
-    EnvConfig,
+# The built-in families register themselves on import.
+from kart_lightning.envs import atari, retro, vector  # noqa: F401
+from kart_lightning.envs.factory import EnvConfig, env_config_from_dict, env_frames_per_step, make_env
+from kart_lightning.envs.registry import (
     EnvConfigError,
-    EnvKind,
+    EnvFamily,
     UnknownEnvError,
-    check_env_id,
-    env_frames_per_step,
-    make_env,
-    retro_state_names,
+    family_options,
+    find_family,
+    register_env_family,
 )
-from kart_lightning.envs.mario_kart.config import MarioKartConfig
-from kart_lightning.envs.wrappers import ChannelsFirst, CropRows, EpisodicLife, NoopReset, ResizeFrame
+from kart_lightning.envs.retro import retro_state_names
 
 __all__ = [
-    "ChannelsFirst",
-    "CropRows",
     "EnvConfig",
     "EnvConfigError",
-    "EnvKind",
-    "EpisodicLife",
-    "MarioKartConfig",
-    "NoopReset",
-    "ResizeFrame",
+    "EnvFamily",
     "UnknownEnvError",
-    "check_env_id",
+    "env_config_from_dict",
     "env_frames_per_step",
+    "family_options",
+    "find_family",
     "make_env",
+    "register_env_family",
     "retro_state_names",
 ]

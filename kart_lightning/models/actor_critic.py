@@ -93,6 +93,9 @@ class ActorCritic(nn.Module):
 
     use_lstm: torch.jit.Final[bool]
     scale_obs: torch.jit.Final[bool]
+    # In the class body: TorchScript does not take annotations of attributes inside __init__.
+    obs_shape: list[int]
+    num_actions: int
 
     def __init__(
         self,
@@ -104,8 +107,8 @@ class ActorCritic(nn.Module):
         lstm_size: int = 256,
     ) -> None:
         super().__init__()
-        self.obs_shape: list[int] = [int(size) for size in obs_shape]
-        self.num_actions: int = int(num_actions)
+        self.obs_shape = [int(size) for size in obs_shape]
+        self.num_actions = int(num_actions)
         self.use_lstm = use_lstm
         self.scale_obs = torso != "mlp"
         self.torso = _make_torso(self.obs_shape, torso, hidden_size)

@@ -1,13 +1,13 @@
 """Super Mario Kart (SNES): our stable-retro integration, ROM import, track states and reward.
 
-Importing this package registers the integration with stable-retro (see NOTES.md for the RAM map).
+Importing this package registers the integration with stable-retro (see NOTES.md for the RAM map)
+and the game family with kart_lightning's env registry (family.py).
 """
 
 from kart_lightning.envs.mario_kart.paths import GAME, register_integration
 
-# The state stable-retro loads when none is named (metadata.json's default_state).
-DEFAULT_STATE = "MarioCircuit.Act1"
-
 register_integration()
 
-__all__ = ["DEFAULT_STATE", "GAME", "register_integration"]
+from kart_lightning.envs.mario_kart.family import DEFAULT_STATE, FAMILY  # noqa: E402 - after the integration
+
+__all__ = ["DEFAULT_STATE", "FAMILY", "GAME", "register_integration"]

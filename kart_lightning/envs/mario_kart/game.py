@@ -41,7 +41,6 @@ RACE_FRAME_LIMIT = 18_000
 """Emulator frames (5 minutes at 60 frames/s) before a race is truncated when the config sets no
 limit: a 5-lap Time Trial on Mario Circuit 1 takes ~3,000 frames with B held well."""
 
-SCREEN_HEIGHT = 224
 DRIVER_VIEW_ROWS = (3, 107)
 """Rows [start, stop) of the 224x256 screen showing the driver's view: rows 0-2 are always black,
 107-114 the black band above the minimap (or rear view) that fills the lower half. Measured on six

@@ -116,6 +116,17 @@ class RaceReward:
             "finished": self.finished,
         }
 
+    def extra_stats(self) -> dict[str, Any]:
+        """The race as an episode's extra stats (family.RACE_STATS): read on its last step."""
+        lap_times = self._lap_times_s
+        return {
+            "checkpoints": self._progress,
+            "laps": self.laps_completed,
+            "finished": self.finished,
+            "race_time_s": _race_time_s(self._ram) if self.finished else None,
+            "best_lap_s": min(lap_times) if lap_times else None,
+        }
+
     def _raw_progress(self, ram: Mapping[str, int]) -> int:
         return ram["lap"] * self._count + ram["checkpoint"]
 
@@ -132,7 +143,8 @@ class RaceRewardWrapper(gymnasium.Wrapper):
     step or the finish can last a single frame, the skip sums the rewards, and a finish ends the
     skip at once. Stalling truncates rather than terminates: the cut is ours, not the game's, and
     the policy cannot see how long it has stalled, so its value must be bootstrapped as at a time
-    limit. Adds `info["race"]` (see RaceReward.info).
+    limit. Adds `info["race"]` (see RaceReward.info) and `info["episode_extra_stats"]` (the race
+    so far, as the registry's episode extra stats; what the last step holds is the episode's).
     """
 
     def __init__(self, env: gymnasium.Env, config: MarioKartConfig, frames_per_step: int = 1):
@@ -152,4 +164,5 @@ class RaceRewardWrapper(gymnasium.Wrapper):
         obs, _, terminated, truncated, info = self.env.step(action)
         reward, finished, stalled = self.race.step(info)
         info["race"] = self.race.info()
+        info["episode_extra_stats"] = self.race.extra_stats()
         return obs, reward, terminated or finished, truncated or stalled, info

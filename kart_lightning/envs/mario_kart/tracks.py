@@ -46,9 +46,6 @@ TRACKS: tuple[Track, ...] = (
 )
 TRACKS_BY_NAME = {track.name: track for track in TRACKS}
 
-TRAIN_TRACKS = ("MarioCircuit.Act1", "MarioCircuit.Act2", "MarioCircuit.Act3")
-EVAL_TRACKS = ("MarioCircuit.Act4",)
-"""The default split of DESIGN.md: MarioCircuit.Act4 is held out, never trained on."""
 
 
 GP50_SUFFIX = ".GP50"
