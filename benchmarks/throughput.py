@@ -29,6 +29,7 @@ from kart_lightning.data.rollout import create_buffers, rollout_spec, stack_slot
 from kart_lightning.envs import EnvConfig, make_env
 from kart_lightning.errors import ConfigError
 from kart_lightning.module import ImpalaModule
+from kart_lightning.processes import parent_alive, stop_processes
 
 # Big enough that the frame budget never ends the run; the probe callback does.
 UNBOUNDED_FRAMES = 10**18
@@ -108,7 +109,7 @@ def step_random_envs(
             steps[index] = count
             # An orphan would step forever if the parent was killed before it could stop us.
             if time.monotonic() > next_parent_check:
-                if os.getppid() != parent_pid:
+                if not parent_alive(parent_pid):
                     return
                 next_parent_check = time.monotonic() + PARENT_CHECK_S
     except KeyboardInterrupt:
@@ -147,7 +148,8 @@ def measure_env_bound(data: ImpalaDataModule, warmup_s: float, seconds: float) -
         end_s, end_steps = time.monotonic(), sum(steps)
     finally:
         stop.value = 1
-        stop_processes(processes)
+        # Asked to stop above; the ones that never started have nothing to join.
+        stop_processes([process for process in processes if process.pid is not None], JOIN_TIMEOUT_S, terminate=False)
     agent_steps_per_s = (end_steps - start_steps) / (end_s - start_s)
     return {
         "env_frames_per_s": agent_steps_per_s * data.env_frames_per_step,
@@ -171,17 +173,6 @@ def wait_alive(processes: list, timeout_s: float, until: Callable[[], bool] = la
                 )
         time.sleep(0.05)
     return until()
-
-
-def stop_processes(processes: list) -> None:
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    for process in processes:
-        if process.pid is not None:
-            process.join(timeout=max(0.0, deadline - time.monotonic()))
-    for process in processes:
-        if process.is_alive():
-            process.kill()
-            process.join()
 
 
 # (b) the trainer in steady state ---------------------------------------------------------------
@@ -256,7 +247,8 @@ def synthetic_batch(module: ImpalaModule, data: ImpalaDataModule) -> dict[str, t
     plausible random values: actions in range, rewards in {-1, 0, 1}, 1% episode ends."""
     hp = data.hparams
     core_state_size = module.policy.initial_state(1)[0].shape[-1]
-    spec = rollout_spec(data.obs_shape, data.obs_dtype, data.num_actions, hp.unroll_length, core_state_size)
+    spec = rollout_spec(data.obs_shape, data.obs_dtype, data.num_actions, hp.unroll_length, core_state_size,
+                        tuple(data.extra_stats))
     buffers = create_buffers(spec, hp.batch_size)
     obs = buffers["obs"]
     if obs.dtype == torch.uint8:
@@ -367,15 +359,10 @@ def config_name(cli_args: list[str]) -> str:
                     for arg in cli_args if arg != "--config")
 
 
-def inference_mode(data: ImpalaDataModule) -> str:
+def inference_mode(data: ImpalaDataModule, device: torch.device) -> str:
     """Where the actors' actions were computed: data.inference, with `auto` resolved."""
-    configured = data.hparams.get("inference")
-    if configured is None:
-        # Before data.inference existed, every actor ran its own copy of the policy.
-        return "actor"
-    if configured == "auto" and hasattr(data, "inference_mode"):
-        return f"auto: {data.inference_mode()}"
-    return configured
+    configured = data.hparams.inference
+    return f"auto: {data.inference_mode(device)}" if configured == "auto" else configured
 
 
 def summarize(cli_args: list[str], cli: KartCLI, env_bound: dict, trainer: dict, learner: dict) -> dict:
@@ -387,7 +374,7 @@ def summarize(cli_args: list[str], cli: KartCLI, env_bound: dict, trainer: dict,
         "config": config_name(cli_args),
         "args": cli_args,
         "device": device_name(device),
-        "inference": inference_mode(cli.datamodule),
+        "inference": inference_mode(cli.datamodule, device),
         "env": cli.datamodule.env.id,
         "torso": cli.model.hparams.torso,
         "num_actors": hp.num_actors,

@@ -171,6 +171,7 @@ def test_a_killed_actor_is_replaced_and_batches_keep_coming(policy, inference):
     pool = make_pool(policy, num_actors=2, unroll_length=4, batch_size=2, inference=inference)
     try:
         pool.release(pool.take_batch_slots(timeout_s=120))
+        first_seed = pool.specs[0].action_seed
         victim = pool.processes[0]
         os.kill(victim.pid, signal.SIGKILL)
         victim.join()
@@ -181,6 +182,7 @@ def test_a_killed_actor_is_replaced_and_batches_keep_coming(policy, inference):
             pool.release(pool.take_batch_slots(timeout_s=120))
         assert pool.restarts == 1
         assert pool.processes[0].pid != victim.pid and pool.processes[0].is_alive()
+        assert pool.specs[0].action_seed != first_seed, "a restarted actor draws a new random stream"
         assert pool.stats()["pool/actor_restarts"] == 1.0
     finally:
         pool.close()
@@ -244,3 +246,51 @@ def test_dynamic_batching_returns_each_actor_its_own_action(policy):
                                 torch.ones(1, 3, dtype=torch.bool), policy.initial_state(3))
         torch.testing.assert_close(logits, expected[0])
         assert action.shape == (3,)
+
+
+def first_unroll_of_each_actor(policy, env: EnvConfig, seed: int) -> dict:
+    pool = ActorPool(
+        policy=policy, env=env, obs_shape=[4, 84, 84], obs_dtype=torch.uint8, num_actions=12,
+        num_actors=2, envs_per_actor=1, unroll_length=30, batch_size=1, seed=seed, start_method="spawn",
+    )
+    first_unrolls = {}
+    try:
+        while len(first_unrolls) < 2:
+            slots = pool.take_batch_slots(timeout_s=120)
+            batch = stack_slots(pool.buffers, slots)
+            pool.release(slots)
+            first_unrolls.setdefault(slots[0] // pool.board.slots_per_actor, batch)
+    finally:
+        pool.close()
+    return first_unrolls
+
+
+def test_actors_on_one_deterministic_game_sample_their_own_actions_reproducibly_from_the_seed():
+    # Airstriker starts from one savestate whatever the env seed: the same first frames for both.
+    env = EnvConfig(id="Airstriker-Genesis-v0")
+    torch.manual_seed(0)
+    policy = torch.jit.script(ActorCritic([4, 84, 84], 12, torso="shallow", hidden_size=32))
+    first, again = first_unroll_of_each_actor(policy, env, seed=0), first_unroll_of_each_actor(policy, env, seed=0)
+    torch.testing.assert_close(first[0]["obs"][0], first[1]["obs"][0])
+    assert not torch.equal(first[0]["action"], first[1]["action"]), "each actor has its own random stream"
+    for actor in (0, 1):
+        assert torch.equal(first[actor]["action"], again[actor]["action"]), "the run seed fixes each stream"
+
+
+def test_a_time_limit_cut_carries_the_value_of_its_last_observation_and_a_terminal_does_not(policy):
+    pool = make_pool(policy, unroll_length=50, batch_size=1, env=EnvConfig(id="CartPole-v1", max_episode_steps=20))
+    ends = []
+    try:
+        while sum(length == 20 for length, _ in ends) < 3 or sum(length < 20 for length, _ in ends) < 3:
+            slots = pool.take_batch_slots(timeout_s=120)
+            batch = stack_slots(pool.buffers, slots)
+            pool.release(slots)
+            rows = batch["done"][1:, 0].nonzero().flatten() + 1
+            ends += [(int(batch["episode_length"][row, 0]), float(batch["truncation_value"][row, 0])) for row in rows]
+    finally:
+        pool.close()
+    for length, truncation_value in ends:
+        if length == 20:
+            assert truncation_value != 0.0, "a truncated episode bootstraps from V(last observation)"
+        else:
+            assert truncation_value == 0.0, "the pole fell: a terminal step has no value beyond it"
