@@ -178,13 +178,19 @@ class EnvGroup:
         return {f"episode_{name}": torch.full((n,), float("nan")) for name in self.stat_names}
 
     def step(self, action: torch.Tensor, inference, row_offset: int) -> None:
-        """Step each env once with `action` [n]; reset those whose episode ended."""
+        """Step each env once with `action` [n]; reset those whose episode ended.
+
+        An episode cut short (a time limit, or the env raising: it is rebuilt) is a truncation:
+        its arrival row carries the value of the observation to bootstrap from, the last one for a
+        time limit and the last good one (acted on, reward 0) for a crash, and a crashed episode
+        reports no statistics, as it did not finish."""
         n = len(action)
         observations, rewards = [], torch.zeros(n)
         done = torch.zeros(n, dtype=torch.bool)
         self.truncation_value = torch.zeros(n)
         self.episode_stats = self._no_episode_ended(n)
-        truncated_obs, truncated = [], []
+        # Rows to bootstrap: (row, observation, the action and reward that led to it).
+        cut: list[tuple[int, object, torch.Tensor, torch.Tensor]] = []
         for i, k in enumerate(range(self.envs.start, self.envs.stop)):
             try:
                 observation, reward, terminated, truncated_now, info = self.all_envs[k].step(int(action[i]))
@@ -192,6 +198,7 @@ class EnvGroup:
                     last_observation = observation
                     observation, _ = self.all_envs[k].reset()
             except Exception as error:  # noqa: BLE001 - any env failure: rebuild it, start a new episode
+                cut.append((i, self.obs[i].numpy(), self.prev_action[i], self.reward[i]))
                 observations.append(self.rebuild(k, error))
                 done[i] = True
                 continue
@@ -205,14 +212,14 @@ class EnvGroup:
             if terminated or truncated_now:
                 done[i] = True
                 if truncated_now and not terminated:
-                    truncated_obs.append(last_observation)
-                    truncated.append(i)
+                    cut.append((i, last_observation, action[i], rewards[i]))
             observations.append(observation)
-        if truncated:
-            index = torch.tensor(truncated)
+        if cut:
+            rows, cut_obs, cut_actions, cut_rewards = zip(*cut, strict=True)
+            index = torch.tensor(rows)
             self.truncation_value[index] = inference.values(
                 self.index, index + row_offset + self.envs.start,
-                torch.from_numpy(np.stack(truncated_obs)), action[index], rewards[index],
+                torch.from_numpy(np.stack(cut_obs)), torch.stack(cut_actions), torch.stack(cut_rewards),
             )
         self.obs = torch.from_numpy(np.stack(observations))
         self.prev_action = action
