@@ -13,7 +13,7 @@ import numpy as np
 import stable_retro
 import yaml
 
-from kart_lightning.envs.factory import env_config_from_dict, env_frames_per_step, make_env, retro_state_names
+from kart_lightning.envs import env_config_from_dict, env_frames_per_step, make_env, retro_state_names
 
 
 def frames_per_s(step, seconds: float) -> tuple[float, int]:
