@@ -3,6 +3,7 @@
 User mistakes are caught here and end in one sentence naming the fix, with exit code 2.
 """
 
+import copy
 import dataclasses
 import os
 import pickle
@@ -14,7 +15,7 @@ import gymnasium
 import torch
 from jsonargparse import ArgumentError, ArgumentParser
 from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from kart_lightning.callbacks import EpisodeRecorder, HeldOutEvaluation
 from kart_lightning.data.datamodule import ImpalaDataModule
@@ -45,12 +46,16 @@ CHECKPOINT_DEFAULTS: dict[str, Any] = {
 }
 
 
-class KartCLI(LightningCLI):
+class ImpalaCLI(LightningCLI):
     """LightningCLI that fills the model's observation shape and action count from the env.
 
     During fit, evaluation and recording run in their own processes (`evaluation:` and
     `recorder:`, see callbacks.py), so Lightning's in-process validation loop is off; `validate`
     and `test` play their episodes in-process.
+
+    The config decides the hyperparameters, also when --ckpt_path resumes a run or names the
+    weights to test, so a resumed run can raise max_frames or change the lr; a checkpoint of
+    another architecture is refused.
     """
 
     @staticmethod
@@ -58,7 +63,7 @@ class KartCLI(LightningCLI):
         commands = LightningCLI.subcommands()
         return {name: commands[name] for name in ("fit", "validate", "test")}
 
-    def add_arguments_to_parser(self, parser) -> None:
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Always one ModelCheckpoint, configured under `checkpoint:`; fit --ckpt_path last finds it.
         parser.add_lightning_class_args(KartCheckpoint, "checkpoint")
         parser.set_defaults(CHECKPOINT_DEFAULTS)
@@ -67,17 +72,31 @@ class KartCLI(LightningCLI):
         parser.link_arguments("data.obs_shape", "model.obs_shape", apply_on="instantiate")
         parser.link_arguments("data.num_actions", "model.num_actions", apply_on="instantiate")
 
-    def _parse_ckpt_path(self) -> None:
-        """Keep the config's hyperparameters rather than the checkpoint's, so a resumed run can
-        change max_frames or the lr; `check_checkpoint` refuses a checkpoint of another model."""
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand is None:
+            return
+        config = self.config[subcommand]
+        check_checkpoint(config.get("ckpt_path"), None)
+        # LightningCLI (2.6.6) next puts the checkpoint's model arguments into the config; the
+        # config's come back in before_instantiate_classes (tests/test_checkpointing.py checks both).
+        self.config_model = copy.deepcopy(config.model)
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand is not None:
+            self.config[self.subcommand].model = self.config_model
 
     def before_fit(self) -> None:
         self.trainer.limit_val_batches = 0
         check_monitor(self.trainer)
+        check_checkpoint(self.config.fit.ckpt_path, self.model.hparams)
 
-    def _run_subcommand(self, subcommand: str) -> None:
-        check_checkpoint(self.config_init[subcommand].get("ckpt_path"), self.model.hparams)
-        super()._run_subcommand(subcommand)
+    def before_validate(self) -> None:
+        check_checkpoint(self.config.validate.ckpt_path, self.model.hparams)
+
+    def before_test(self) -> None:
+        check_checkpoint(self.config.test.ckpt_path, self.model.hparams)
 
 
 def check_monitor(trainer: Trainer) -> None:
@@ -162,12 +181,13 @@ def record(args: list[str]) -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    args = sys.argv[1:] if args is None else args
+    """The command line, from `args` or else sys.argv."""
+    argv = sys.argv[1:] if args is None else args
     try:
-        if args[:1] == ["record"]:
-            record(args[1:])
+        if argv[:1] == ["record"]:
+            record(argv[1:])
             return
-        KartCLI(
+        ImpalaCLI(
             ImpalaModule,
             ImpalaDataModule,
             trainer_defaults=TRAINER_DEFAULTS,
@@ -177,6 +197,7 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"overwrite": True},
             # Parse errors come back as exceptions, so they print as one line, not a usage dump.
             parser_kwargs={"exit_on_error": False, "prog": "python -m kart_lightning"},
+            # None reads sys.argv, as LightningCLI expects (given both, it warns).
             args=args,
         )
     except ArgumentError as error:
