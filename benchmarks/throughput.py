@@ -68,6 +68,8 @@ def build_cli(cli_args: list[str], run_dir: str) -> ImpalaCLI:
         "--checkpoint.save_top_k", "0",
         "--checkpoint.save_last", "false",
         "--checkpoint.every_n_train_steps", "0",
+        # Nor does the evaluation keep the checkpoints it scores.
+        "--evaluation.save_best", "false",
     ]
     # Lightning warns when sys.argv and args are both given; ours are sys.argv minus this script's options.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")

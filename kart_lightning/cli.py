@@ -14,22 +14,22 @@ from typing import Any
 import gymnasium
 import torch
 from jsonargparse import ArgumentError, ArgumentParser
-from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from kart_lightning.callbacks import EpisodeRecorder, HeldOutEvaluation
+from kart_lightning.checkpointing import ARCHITECTURE_KEYS, CheckpointFiles
 from kart_lightning.data.datamodule import ImpalaDataModule
 from kart_lightning.data.pool import ActorFailed
 from kart_lightning.envs.factory import env_config_from_dict
 from kart_lightning.errors import ConfigError
 from kart_lightning.evaluation import held_out_envs
-from kart_lightning.export import KartCheckpoint
 from kart_lightning.module import ImpalaModule
 from kart_lightning.recording import RecordOptions, record_episode
 
-LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc", "registry")
-# Weights that must match between a checkpoint and the model built from the config.
-ARCHITECTURE_KEYS = ("obs_shape", "num_actions", "torso", "hidden_size", "use_lstm", "lstm_size")
+# Lightning's ckpt_path values that name no file; not "best", which no checkpoint callback here
+# tracks across processes (the best on held-out tracks is the file best.ckpt).
+LIGHTNING_CKPT_ALIASES = ("last", "hpc", "registry")
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     # The trajectory stream is endless: model.max_frames ends a run, not epochs.
@@ -43,6 +43,8 @@ CHECKPOINT_DEFAULTS: dict[str, Any] = {
     "checkpoint.dirpath": "checkpoints",
     "checkpoint.save_last": True,
     "checkpoint.every_n_train_steps": 500,
+    # Nothing monitored: a top-k file would be a copy of last.ckpt (HeldOutEvaluation keeps the best).
+    "checkpoint.save_top_k": 0,
 }
 
 
@@ -65,8 +67,9 @@ class ImpalaCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Always one ModelCheckpoint, configured under `checkpoint:`; fit --ckpt_path last finds it.
-        parser.add_lightning_class_args(KartCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(CHECKPOINT_DEFAULTS)
+        parser.add_lightning_class_args(CheckpointFiles, "checkpoint_files")
         parser.add_lightning_class_args(HeldOutEvaluation, "evaluation")
         parser.add_lightning_class_args(EpisodeRecorder, "recorder")
         parser.link_arguments("data.obs_shape", "model.obs_shape", apply_on="instantiate")
@@ -79,6 +82,8 @@ class ImpalaCLI(LightningCLI):
             return
         config = self.config[subcommand]
         check_checkpoint(config.get("ckpt_path"), None)
+        if subcommand == "fit":
+            check_monitor(config.checkpoint.monitor)
         # LightningCLI (2.6.6) next puts the checkpoint's model arguments into the config; the
         # config's come back in before_instantiate_classes (tests/test_checkpointing.py checks both).
         self.config_model = copy.deepcopy(config.model)
@@ -89,7 +94,6 @@ class ImpalaCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self.trainer.limit_val_batches = 0
-        check_monitor(self.trainer)
         check_checkpoint(self.config.fit.ckpt_path, self.model.hparams)
 
     def before_validate(self) -> None:
@@ -99,16 +103,16 @@ class ImpalaCLI(LightningCLI):
         check_checkpoint(self.config.test.ckpt_path, self.model.hparams)
 
 
-def check_monitor(trainer: Trainer) -> None:
-    """Raise ConfigError when the checkpoint monitors a `val/` metric with the held-out evaluation
-    off: no score would ever come, and Lightning holds back its periodic saves until one does."""
-    evaluating = any(isinstance(callback, HeldOutEvaluation) and callback.enabled for callback in trainer.callbacks)
-    for checkpoint in trainer.checkpoint_callbacks:
-        if (checkpoint.monitor or "").startswith("val/") and not evaluating:
-            raise ConfigError(
-                f"checkpoint.monitor is {checkpoint.monitor}, which only the held-out evaluation computes, and it "
-                "is off: set evaluation.every_n_steps (or evaluation.every_minutes), or checkpoint.monitor null."
-            )
+def check_monitor(monitor: str | None) -> None:
+    """Raise ConfigError when ModelCheckpoint monitors a metric of the held-out evaluation: its
+    score comes from another process, after ModelCheckpoint's save was due, and Lightning then
+    defers that save to a validation loop that never runs during fit."""
+    if (monitor or "").startswith("val/"):
+        raise ConfigError(
+            f"checkpoint.monitor is {monitor}, which the held-out evaluation computes in its own process: keep "
+            f"the best checkpoint by it with evaluation.monitor {monitor} (and evaluation.mode) instead, and set "
+            "checkpoint.monitor null."
+        )
 
 
 def check_checkpoint(ckpt_path: str | None, model_hparams: dict[str, Any] | None) -> None:
@@ -119,7 +123,8 @@ def check_checkpoint(ckpt_path: str | None, model_hparams: dict[str, Any] | None
     if not os.path.isfile(ckpt_path):
         raise ConfigError(
             f"checkpoint {ckpt_path} does not exist: pass --ckpt_path an existing .ckpt file "
-            "(or `last` to resume the latest checkpoint in the checkpoint folder)."
+            "(or `last` to resume the latest checkpoint in the checkpoint folder; the best on the held-out "
+            "tracks is best.ckpt there)."
         )
     try:
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
