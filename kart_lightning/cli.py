@@ -3,7 +3,6 @@
 User mistakes are caught here and end in one sentence naming the fix, with exit code 2.
 """
 
-import copy
 import dataclasses
 import os
 import pickle
@@ -81,16 +80,19 @@ class ImpalaCLI(LightningCLI):
         if subcommand is None:
             return
         config = self.config[subcommand]
-        check_checkpoint(config.get("ckpt_path"), None)
+        check_checkpoint(config.ckpt_path, None)
         if subcommand == "fit":
             check_monitor(config.checkpoint.monitor)
-        # LightningCLI (2.6.6) next puts the checkpoint's model arguments into the config; the
-        # config's come back in before_instantiate_classes (tests/test_checkpointing.py checks both).
-        self.config_model = copy.deepcopy(config.model)
+        # LightningCLI (2.6.6) next reads the checkpoint's model arguments into the config, which
+        # would replace the config's, loading it with weights_only=True (which refuses a checkpoint
+        # whose hyperparameters hold a dataclass) and parsing them (which refuses arguments the
+        # model no longer has). It finds no ckpt_path: before_instantiate_classes puts it back
+        # (tests/test_checkpointing.py checks this order).
+        self.ckpt_path, config.ckpt_path = config.ckpt_path, None
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand is not None:
-            self.config[self.subcommand].model = self.config_model
+            self.config[self.subcommand].ckpt_path = self.ckpt_path
 
     def before_fit(self) -> None:
         self.trainer.limit_val_batches = 0

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.cli import LightningCLI
 
 from kart_lightning.checkpointing import METADATA_FILE, PolicyCheckpointIO, action_names, policy_path
 from kart_lightning.cli import TRAINER_DEFAULTS, ImpalaCLI
@@ -98,36 +99,55 @@ def test_only_mario_kart_actions_have_names():
 
 
 class Stop(Exception):
-    """Raised by ProbeCLI before fit starts, carrying the CLI."""
+    """Raised by the probes below to end the CLI before fit, carrying what they saw."""
+
+
+class StockProbeCLI(ImpalaCLI):
+    """ImpalaCLI with LightningCLI's own parse_arguments, stopped before instantiation with the
+    model's max_frames that Lightning left in the config."""
+
+    def parse_arguments(self, parser, args) -> None:
+        LightningCLI.parse_arguments(self, parser, args)
+
+    def before_instantiate_classes(self) -> None:
+        raise Stop(self.config.fit.model.max_frames)
 
 
 class ProbeCLI(ImpalaCLI):
-    """ImpalaCLI that notes the model's max_frames that Lightning left in the config, and stops
-    before fit."""
-
-    def before_instantiate_classes(self) -> None:
-        self.max_frames_from_lightning = self.config.fit.model.max_frames
-        super().before_instantiate_classes()
+    """ImpalaCLI stopped where fit would start."""
 
     def before_fit(self) -> None:
         super().before_fit()
         raise Stop(self)
 
 
-def test_lightning_cli_puts_the_checkpoints_hyperparameters_in_the_config_and_the_configs_win(tmp_path):
-    # The checkpoint of a run with another budget and lr (cartpole.yaml's architecture).
+def run_until_stopped(cli_class: type[ImpalaCLI], ckpt_path: Path, run_dir: Path):
+    args = ["fit", "--config", str(REPO / "configs/cartpole.yaml"), "--ckpt_path", str(ckpt_path),
+            "--model.max_frames", "222", "--trainer.logger", "false", "--checkpoint.dirpath", str(run_dir)]
+    with pytest.raises(Stop) as stop:
+        cli_class(ImpalaModule, ImpalaDataModule, trainer_defaults=TRAINER_DEFAULTS,
+                  auto_configure_optimizers=False, save_config_callback=None,
+                  parser_kwargs={"exit_on_error": False}, args=args)
+    return stop.value.args[0]
+
+
+def test_lightning_cli_reads_a_checkpoints_hyperparameters_into_the_config_before_instantiating(tmp_path):
+    # What ImpalaCLI.parse_arguments keeps the checkpoint away from. When this fails, Lightning
+    # has moved or dropped that step: ImpalaCLI's parse_arguments and before_instantiate_classes
+    # must follow (or can go).
+    module = ImpalaModule(obs_shape=[4], num_actions=2, torso="mlp", hidden_size=64, max_frames=111)
+    torch.save(checkpoint_of(module, step=3), ckpt_path := tmp_path / "last.ckpt")
+    assert run_until_stopped(StockProbeCLI, ckpt_path, tmp_path) == 111
+
+
+def test_the_config_decides_the_hyperparameters_of_a_run_given_any_checkpoint_of_its_model(tmp_path):
+    # A run with another budget and lr (cartpole.yaml's architecture), saved from Python (a
+    # dataclass among its hyperparameters) by a version whose model had another argument.
     module = ImpalaModule(obs_shape=[4], num_actions=2, torso="mlp", hidden_size=64,
                           max_frames=111, learning_rate=0.5)
-    ckpt_path = tmp_path / "last.ckpt"
-    torch.save(checkpoint_of(module, step=3), ckpt_path)
-    args = ["fit", "--config", str(REPO / "configs/cartpole.yaml"), "--ckpt_path", str(ckpt_path),
-            "--model.max_frames", "222", "--trainer.logger", "false", "--checkpoint.dirpath", str(tmp_path)]
-    with pytest.raises(Stop) as stop:
-        ProbeCLI(ImpalaModule, ImpalaDataModule, trainer_defaults=TRAINER_DEFAULTS,
-                 auto_configure_optimizers=False, save_config_callback=None,
-                 parser_kwargs={"exit_on_error": False}, args=args)
-    cli = stop.value.args[0]
-    # What ImpalaCLI undoes: if Lightning stops doing it, ImpalaCLI's parse_arguments and
-    # before_instantiate_classes can go.
-    assert cli.max_frames_from_lightning == 111, "LightningCLI no longer puts the checkpoint's hyperparameters in"
+    checkpoint = {**checkpoint_of(module, step=3), "datamodule_hyper_parameters": {"env": EnvConfig("CartPole-v1")}}
+    checkpoint["hyper_parameters"]["no_longer_an_argument"] = 1
+    torch.save(checkpoint, ckpt_path := tmp_path / "last.ckpt")
+    cli = run_until_stopped(ProbeCLI, ckpt_path, tmp_path)
     assert cli.model.hparams.max_frames == 222 and cli.model.hparams.learning_rate == 0.003
+    assert cli.config_init.fit.ckpt_path == str(ckpt_path), "fit still resumes from the checkpoint"
