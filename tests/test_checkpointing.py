@@ -1,7 +1,12 @@
-"""Checkpoint files (atomic, with the TorchScript policy beside each) and the command line's
-checkpoint handling that rests on LightningCLI's order of steps."""
+"""Checkpoint files (atomic, with the TorchScript policy beside each), and the promise that
+kart_lightning uses only Lightning's public API, with the order of LightningCLI's steps that
+the command line's checkpoint handling rests on."""
 
+import importlib
+import inspect
 import json
+import pkgutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +156,30 @@ def test_the_config_decides_the_hyperparameters_of_a_run_given_any_checkpoint_of
     cli = run_until_stopped(ProbeCLI, ckpt_path, tmp_path)
     assert cli.model.hparams.max_frames == 222 and cli.model.hparams.learning_rate == 0.003
     assert cli.config_init.fit.ckpt_path == str(ckpt_path), "fit still resumes from the checkpoint"
+
+
+PRIVATE_LIGHTNING = re.compile(r"trainer\._|_checkpoint_connector|strategy\._|experiment\._")
+
+
+def test_kart_lightning_uses_only_lightnings_public_api():
+    package = REPO / "kart_lightning"
+    uses = [
+        f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+        for path in sorted(package.rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if PRIVATE_LIGHTNING.search(line)
+    ]
+    assert uses == []
+    overrides = []
+    for info in pkgutil.walk_packages([str(package)], prefix="kart_lightning."):
+        module = importlib.import_module(info.name)
+        for cls in vars(module).values():
+            if not (inspect.isclass(cls) and cls.__module__ == module.__name__):
+                continue
+            lightning = [base for base in cls.__mro__[1:] if base.__module__.startswith("lightning")]
+            overrides += [
+                f"{cls.__qualname__}.{name}" for name in vars(cls)
+                if name.startswith("_") and not name.startswith("__") and name != "_abc_impl"
+                and any(name in vars(base) for base in lightning)
+            ]
+    assert overrides == []
