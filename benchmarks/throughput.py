@@ -22,7 +22,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import GradClipAlgorithmType
 
 import kart_lightning
-from kart_lightning.cli import TRAINER_DEFAULTS, KartCLI, fail
+from kart_lightning.cli import TRAINER_DEFAULTS, ImpalaCLI, fail
 from kart_lightning.data.datamodule import ImpalaDataModule
 from kart_lightning.data.pool import ActorFailed
 from kart_lightning.data.rollout import create_buffers, rollout_spec, stack_slots
@@ -54,7 +54,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_known_args(argv)
 
 
-def build_cli(cli_args: list[str], run_dir: str) -> KartCLI:
+def build_cli(cli_args: list[str], run_dir: str) -> ImpalaCLI:
     """Model, datamodule and trainer exactly as `fit` builds them, then made fit for timing: no
     frame budget, no validation, no checkpoint files, no logger, no progress bar."""
     timing_args = [
@@ -69,10 +69,12 @@ def build_cli(cli_args: list[str], run_dir: str) -> KartCLI:
         "--checkpoint.save_top_k", "0",
         "--checkpoint.save_last", "false",
         "--checkpoint.every_n_train_steps", "0",
+        # Nor does the evaluation keep the checkpoints it scores.
+        "--evaluation.save_best", "false",
     ]
     # Lightning warns when sys.argv and args are both given; ours are sys.argv minus this script's options.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    return KartCLI(
+    return ImpalaCLI(
         ImpalaModule,
         ImpalaDataModule,
         trainer_defaults=TRAINER_DEFAULTS,
@@ -214,7 +216,7 @@ class SteadyStateProbe(Callback):
             trainer.should_stop = True
 
 
-def measure_trainer(cli: KartCLI, warmup_s: float, seconds: float) -> dict:
+def measure_trainer(cli: ImpalaCLI, warmup_s: float, seconds: float) -> dict:
     """The real Trainer.fit: env frames/s, learner steps/s and policy lag over the steady window."""
     probe = SteadyStateProbe(warmup_s, seconds)
     cli.trainer.callbacks.append(probe)
@@ -365,7 +367,7 @@ def inference_mode(data: ImpalaDataModule, device: torch.device) -> str:
     return f"auto: {data.inference_mode(device)}" if configured == "auto" else configured
 
 
-def summarize(cli_args: list[str], cli: KartCLI, env_bound: dict, trainer: dict, learner: dict) -> dict:
+def summarize(cli_args: list[str], cli: ImpalaCLI, env_bound: dict, trainer: dict, learner: dict) -> dict:
     hp = cli.datamodule.hparams
     E, L, trained = env_bound["env_frames_per_s"], learner["env_frames_per_s"], trainer["env_frames_per_s"]
     C = 1.0 / (1.0 / E + 1.0 / L)

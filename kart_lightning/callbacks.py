@@ -16,16 +16,17 @@ import traceback
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from kart_lightning.envs.factory import EnvConfig
+from kart_lightning.checkpointing import move_checkpoint, remove_checkpoint
+from kart_lightning.envs import EnvConfig
+from kart_lightning.errors import ConfigError
 from kart_lightning.evaluation import held_out_envs, play_tracks, scalar_metrics, summarize
-from kart_lightning.export import KartCheckpoint, Snapshot, take_snapshot
 from kart_lightning.models import load_script, script_bytes
-from kart_lightning.processes import die_with_parent
+from kart_lightning.processes import die_with_parent, parent_alive, stop_processes
 from kart_lightning.recording import RecordOptions, log_recording, record_episode
 
 WORKER_POLL_S = 1.0
@@ -68,7 +69,7 @@ def _serve(requests, replies, parent_pid: int) -> None:
         try:
             job = requests.get(timeout=WORKER_POLL_S)
         except queue.Empty:
-            if os.getppid() != parent_pid:
+            if not parent_alive(parent_pid):
                 return
             continue
         if job is None:
@@ -121,11 +122,8 @@ class PolicyWorker:
         if self.process is None:
             return
         if self.process.is_alive():
-            self.requests.put(None)
-            self.process.join(timeout=5)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
+            self.requests.put(None)  # asks it to stop; one still busy after 5 s is killed
+        stop_processes([self.process], timeout_s=5.0, terminate=False)
         # A job nobody read would otherwise keep this process from exiting: queues flush at exit.
         for channel in (self.requests, self.replies):
             channel.cancel_join_thread()
@@ -161,13 +159,17 @@ class _PeriodicPolicyCallback(Callback):
         self._last_time = time.monotonic()
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
-        # At the last step, wait for the job in flight: it played nearly the final weights, and
-        # ModelCheckpoint's last save (after this hook) should see its metrics.
+        # At the last step, wait for the job in flight: it played nearly the final weights, and the
+        # last checkpoint (saved after this hook) should hold its score.
         self._handle(trainer, self.worker.poll(timeout_s=self.final_wait_s if _last_step(trainer) else None))
-        if self.enabled and self.worker.pending is None and self._due(trainer.global_step):
+        due = self.enabled and self.worker.pending is None and self._due(trainer.global_step)
+        # Rank 0 alone runs the worker; every rank follows its decision, as a job may save a
+        # checkpoint, which all ranks take part in.
+        if trainer.strategy.broadcast(due):
             self._last_step, self._last_time = trainer.global_step, time.monotonic()
+            job = self.make_job(trainer, pl_module, script_bytes(pl_module.policy))
             if trainer.is_global_zero:
-                self.worker.submit(self.make_job(trainer, pl_module, script_bytes(pl_module.policy)))
+                self.worker.submit(job)
 
     def _due(self, step: int) -> bool:
         by_steps = self.every_n_steps and step - self._last_step >= self.every_n_steps
@@ -206,11 +208,14 @@ class HeldOutEvaluation(_PeriodicPolicyCallback):
 
     Logs `val/episode_return`, `val/episode_length` (and for races `val/episode_checkpoints`,
     `val/episode_laps`) over all tracks and `val/TRACK/...` per track, at the learner step of the
-    weights that played. The checkpoint callback can monitor them (`checkpoint.monitor:
-    val/episode_return`, `checkpoint.mode: max`): each evaluation keeps a copy of the checkpoint
-    at its step (a few MB in memory) and hands it over with the score, so the best checkpoint holds
-    the weights that earned it (`epoch=0-step=STEP.ckpt`, STEP the evaluated step). A plain
-    ModelCheckpoint monitoring them saves the weights current when the score comes back instead.
+    weights that played.
+
+    With `save_best`, it keeps the checkpoint with the best `monitor` score as `best.ckpt` (and
+    `best.policy.pt`) in the checkpoint folder (`checkpoint.dirpath`): each evaluation saves the
+    checkpoint of the step it plays as `evaluated-step=STEP.ckpt`, and when its score comes back,
+    some steps later, that file becomes `best.ckpt` if the score beats the best so far, or is
+    deleted. So `best.ckpt` holds the weights that earned its score. The best score is saved in
+    the checkpoints, so a resumed run goes on comparing with it.
 
     Args:
         every_n_steps: learner steps between evaluations; null for none by steps.
@@ -218,8 +223,15 @@ class HeldOutEvaluation(_PeriodicPolicyCallback):
         episodes: episodes per held-out track; null: data.eval_episodes.
         greedy: argmax actions; null: data.eval_greedy.
         seed: first episode seed; null: data.eval_seed.
+        save_best: keep the checkpoint with the best `monitor` score as best.ckpt in the checkpoint folder.
+        monitor: the score that ranks checkpoints: a metric of this evaluation (val/episode_return,
+            val/episode_checkpoints for races, val/TRACK/return_mean, ...).
+        mode: max: a higher score is better; min: a lower one.
         final_wait_s: at the last step, how long fit waits for the evaluation in flight.
     """
+
+    BEST_NAME = "best.ckpt"
+    EVALUATED_PREFIX = "evaluated-step="
 
     def __init__(
         self,
@@ -228,30 +240,44 @@ class HeldOutEvaluation(_PeriodicPolicyCallback):
         episodes: int | None = None,
         greedy: bool | None = None,
         seed: int | None = None,
+        save_best: bool = True,
+        monitor: str = "val/episode_return",
+        mode: Literal["max", "min"] = "max",
         final_wait_s: float = 120.0,
     ) -> None:
         super().__init__("held-out evaluation", every_n_steps, every_minutes, final_wait_s)
+        if not monitor.startswith("val/"):
+            raise ConfigError(
+                f"evaluation.monitor is {monitor}, which the held-out evaluation does not compute: name one of "
+                "its metrics, such as val/episode_return."
+            )
         self.episodes, self.greedy, self.seed = episodes, greedy, seed
-        self._snapshot: Snapshot | None = None
+        self.save_best, self.monitor, self.mode = save_best, monitor, mode
+        self.best_score: float | None = None
+        self.best_step: int | None = None
+        self.evaluated: Path | None = None
+        """The checkpoint of the evaluation in flight, waiting for its score."""
 
-    def scored_checkpoints(self, trainer: Trainer) -> list[KartCheckpoint]:
-        """The checkpoint callbacks that monitor a metric of this evaluation."""
-        if not self.enabled:
-            return []
-        return [
-            callback for callback in trainer.checkpoint_callbacks
-            if isinstance(callback, KartCheckpoint) and (callback.monitor or "").startswith("val/")
-        ]
+    def checkpoint_folder(self, trainer: Trainer) -> Path | None:
+        """Where the best checkpoint goes: the checkpoint callback's folder, if there is one."""
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+        return Path(dirpath) if dirpath else None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        for callback in self.scored_checkpoints(trainer):
-            callback.scored_elsewhere = True
+        folder = self.checkpoint_folder(trainer)
+        if self.save_best and folder is not None and trainer.is_global_zero:
+            # Left behind by a run killed while it evaluated.
+            for path in folder.glob(f"{self.EVALUATED_PREFIX}*.ckpt"):
+                remove_checkpoint(path)
 
     def make_job(self, trainer: Trainer, pl_module: LightningModule, policy: bytes) -> EvaluationJob:
+        folder = self.checkpoint_folder(trainer)
+        if self.save_best and folder is not None:
+            self.discard_evaluated(trainer)  # a failed evaluation's
+            self.evaluated = folder / f"{self.EVALUATED_PREFIX}{trainer.global_step}.ckpt"
+            trainer.save_checkpoint(self.evaluated, weights_only=False)
         data = trainer.datamodule
-        if checkpoints := self.scored_checkpoints(trainer):
-            self._snapshot = take_snapshot(trainer, policy, all(callback.save_weights_only for callback in checkpoints))
         return EvaluationJob(
             step=trainer.global_step,
             policy=policy,
@@ -265,12 +291,51 @@ class HeldOutEvaluation(_PeriodicPolicyCallback):
         metrics = scalar_metrics("val", summarize(reply["results"]))
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=reply["step"])
-        # What ModelCheckpoint's monitor and EarlyStopping read.
+        # What EarlyStopping reads.
         trainer.callback_metrics.update({name: torch.tensor(value) for name, value in metrics.items()})
-        snapshot, self._snapshot = self._snapshot, None
-        if snapshot is not None and snapshot.step == reply["step"]:
-            for callback in self.scored_checkpoints(trainer):
-                callback.keep_evaluated(trainer, snapshot, metrics)
+        if self.evaluated is not None and trainer.is_global_zero:
+            self.keep_if_best(self.evaluated, reply["step"], metrics)
+        self.evaluated = None
+
+    def keep_if_best(self, evaluated: Path, step: int, metrics: dict[str, float]) -> None:
+        """Make `evaluated` (the checkpoint of `step`) the best checkpoint if its score beats the best."""
+        if self.monitor not in metrics:
+            remove_checkpoint(evaluated)
+            warnings.warn(
+                f"evaluation.monitor is {self.monitor}, which is none of the evaluation's metrics "
+                f"({', '.join(metrics)}): set it to one of them to keep the best checkpoint.", stacklevel=1,
+            )
+            return
+        score = metrics[self.monitor]
+        better = self.best_score is None or (score > self.best_score if self.mode == "max" else score < self.best_score)
+        if better:
+            move_checkpoint(evaluated, evaluated.with_name(self.BEST_NAME))
+            self.best_score, self.best_step = score, step
+        else:
+            remove_checkpoint(evaluated)
+
+    def discard_evaluated(self, trainer: Trainer) -> None:
+        if self.evaluated is not None and trainer.is_global_zero:
+            remove_checkpoint(self.evaluated)
+        self.evaluated = None
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self.discard_evaluated(trainer)  # its score never came back
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        self.discard_evaluated(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "monitor": self.monitor, "mode": self.mode, "best_score": self.best_score, "best_step": self.best_step
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # A best score by another measure says nothing about this one's.
+        if (state_dict.get("monitor"), state_dict.get("mode")) == (self.monitor, self.mode):
+            self.best_score, self.best_step = state_dict["best_score"], state_dict["best_step"]
 
 
 class EpisodeRecorder(_PeriodicPolicyCallback):

@@ -13,22 +13,22 @@ from typing import Any
 import gymnasium
 import torch
 from jsonargparse import ArgumentError, ArgumentParser
-from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from kart_lightning.callbacks import EpisodeRecorder, HeldOutEvaluation
+from kart_lightning.checkpointing import ARCHITECTURE_KEYS, CheckpointFiles
 from kart_lightning.console import quiet_library_notices
 from kart_lightning.data import ActorFailed, ImpalaDataModule, WeightPublisher
 from kart_lightning.envs import env_config_from_dict
 from kart_lightning.errors import ConfigError
 from kart_lightning.evaluation import held_out_envs
-from kart_lightning.export import KartCheckpoint
 from kart_lightning.module import ImpalaModule
 from kart_lightning.recording import RecordOptions, record_episode
 
-LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc", "registry")
-# Weights that must match between a checkpoint and the model built from the config.
-ARCHITECTURE_KEYS = ("obs_shape", "num_actions", "torso", "hidden_size", "use_lstm", "lstm_size")
+# Lightning's ckpt_path values that name no file; not "best", which no checkpoint callback here
+# tracks across processes (the best on held-out tracks is the file best.ckpt).
+LIGHTNING_CKPT_ALIASES = ("last", "hpc", "registry")
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     # The trajectory stream is endless: model.max_frames ends a run, not epochs.
@@ -42,15 +42,21 @@ CHECKPOINT_DEFAULTS: dict[str, Any] = {
     "checkpoint.dirpath": "checkpoints",
     "checkpoint.save_last": True,
     "checkpoint.every_n_train_steps": 500,
+    # Nothing monitored: a top-k file would be a copy of last.ckpt (HeldOutEvaluation keeps the best).
+    "checkpoint.save_top_k": 0,
 }
 
 
-class KartCLI(LightningCLI):
+class ImpalaCLI(LightningCLI):
     """LightningCLI that fills the model's observation shape and action count from the env.
 
     During fit, evaluation and recording run in their own processes (`evaluation:` and
     `recorder:`, see callbacks.py), so Lightning's in-process validation loop is off; `validate`
     and `test` play their episodes in-process.
+
+    The config decides the hyperparameters, also when --ckpt_path resumes a run or names the
+    weights to test, so a resumed run can raise max_frames or change the lr; a checkpoint of
+    another architecture is refused.
     """
 
     @staticmethod
@@ -58,10 +64,11 @@ class KartCLI(LightningCLI):
         commands = LightningCLI.subcommands()
         return {name: commands[name] for name in ("fit", "validate", "test")}
 
-    def add_arguments_to_parser(self, parser) -> None:
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Always one ModelCheckpoint, configured under `checkpoint:`; fit --ckpt_path last finds it.
-        parser.add_lightning_class_args(KartCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(CHECKPOINT_DEFAULTS)
+        parser.add_lightning_class_args(CheckpointFiles, "checkpoint_files")
         parser.add_lightning_class_args(HeldOutEvaluation, "evaluation")
         parser.add_lightning_class_args(EpisodeRecorder, "recorder")
         # Hands the policy to the DataModule and its weights to the actors after each step.
@@ -69,29 +76,47 @@ class KartCLI(LightningCLI):
         parser.link_arguments("data.obs_shape", "model.obs_shape", apply_on="instantiate")
         parser.link_arguments("data.num_actions", "model.num_actions", apply_on="instantiate")
 
-    def _parse_ckpt_path(self) -> None:
-        """Keep the config's hyperparameters rather than the checkpoint's, so a resumed run can
-        change max_frames or the lr; `check_checkpoint` refuses a checkpoint of another model."""
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand is None:
+            return
+        config = self.config[subcommand]
+        check_checkpoint(config.ckpt_path, None)
+        if subcommand == "fit":
+            check_monitor(config.checkpoint.monitor)
+        # LightningCLI (2.6.6) next reads the checkpoint's model arguments into the config, which
+        # would replace the config's, loading it with weights_only=True (which refuses a checkpoint
+        # whose hyperparameters hold a dataclass) and parsing them (which refuses arguments the
+        # model no longer has). It finds no ckpt_path: before_instantiate_classes puts it back
+        # (tests/test_checkpointing.py checks this order).
+        self.ckpt_path, config.ckpt_path = config.ckpt_path, None
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand is not None:
+            self.config[self.subcommand].ckpt_path = self.ckpt_path
 
     def before_fit(self) -> None:
         self.trainer.limit_val_batches = 0
-        check_monitor(self.trainer)
+        check_checkpoint(self.config.fit.ckpt_path, self.model.hparams)
 
-    def _run_subcommand(self, subcommand: str) -> None:
-        check_checkpoint(self.config_init[subcommand].get("ckpt_path"), self.model.hparams)
-        super()._run_subcommand(subcommand)
+    def before_validate(self) -> None:
+        check_checkpoint(self.config.validate.ckpt_path, self.model.hparams)
+
+    def before_test(self) -> None:
+        check_checkpoint(self.config.test.ckpt_path, self.model.hparams)
 
 
-def check_monitor(trainer: Trainer) -> None:
-    """Raise ConfigError when the checkpoint monitors a `val/` metric with the held-out evaluation
-    off: no score would ever come, and Lightning holds back its periodic saves until one does."""
-    evaluating = any(isinstance(callback, HeldOutEvaluation) and callback.enabled for callback in trainer.callbacks)
-    for checkpoint in trainer.checkpoint_callbacks:
-        if (checkpoint.monitor or "").startswith("val/") and not evaluating:
-            raise ConfigError(
-                f"checkpoint.monitor is {checkpoint.monitor}, which only the held-out evaluation computes, and it "
-                "is off: set evaluation.every_n_steps (or evaluation.every_minutes), or checkpoint.monitor null."
-            )
+def check_monitor(monitor: str | None) -> None:
+    """Raise ConfigError when ModelCheckpoint monitors a metric of the held-out evaluation: its
+    score comes from another process, after ModelCheckpoint's save was due, and Lightning then
+    defers that save to a validation loop that never runs during fit."""
+    if (monitor or "").startswith("val/"):
+        raise ConfigError(
+            f"checkpoint.monitor is {monitor}, which the held-out evaluation computes in its own process: keep "
+            f"the best checkpoint by it with evaluation.monitor {monitor} (and evaluation.mode) instead, and set "
+            "checkpoint.monitor null."
+        )
 
 
 def check_checkpoint(ckpt_path: str | None, model_hparams: dict[str, Any] | None) -> None:
@@ -102,7 +127,8 @@ def check_checkpoint(ckpt_path: str | None, model_hparams: dict[str, Any] | None
     if not os.path.isfile(ckpt_path):
         raise ConfigError(
             f"checkpoint {ckpt_path} does not exist: pass --ckpt_path an existing .ckpt file "
-            "(or `last` to resume the latest checkpoint in the checkpoint folder)."
+            "(or `last` to resume the latest checkpoint in the checkpoint folder; the best on the held-out "
+            "tracks is best.ckpt there)."
         )
     try:
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -165,13 +191,14 @@ def record(args: list[str]) -> None:
 
 
 def main(args: list[str] | None = None) -> None:
+    """The command line, from `args` or else sys.argv."""
     quiet_library_notices()
-    args = sys.argv[1:] if args is None else args
+    argv = sys.argv[1:] if args is None else args
     try:
-        if args[:1] == ["record"]:
-            record(args[1:])
+        if argv[:1] == ["record"]:
+            record(argv[1:])
             return
-        KartCLI(
+        ImpalaCLI(
             ImpalaModule,
             ImpalaDataModule,
             trainer_defaults=TRAINER_DEFAULTS,
@@ -181,6 +208,7 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"overwrite": True},
             # Parse errors come back as exceptions, so they print as one line, not a usage dump.
             parser_kwargs={"exit_on_error": False, "prog": "python -m kart_lightning"},
+            # None reads sys.argv, as LightningCLI expects (given both, it warns).
             args=args,
         )
     except ArgumentError as error:

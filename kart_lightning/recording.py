@@ -62,15 +62,16 @@ def record_episode(
 
 def log_recording(logger, tag: str, result: dict[str, Any], step: int) -> None:
     """Log a recording's GIF (animated, in TensorBoard's Images tab) and trajectory PNG, when the
-    logger is TensorBoard's."""
-    experiment = getattr(logger, "experiment", None)
-    if not hasattr(experiment, "_get_file_writer"):
+    logger writes TensorBoard events (its `experiment` a SummaryWriter)."""
+    writer = getattr(getattr(logger, "experiment", None), "file_writer", None)
+    if writer is None:
         return
     gif = Path(result["gif"])
     _, height, width, _ = iio.improps(gif).shape
     # SummaryWriter.add_video would re-encode through moviepy; an image summary holding GIF bytes
     # is what it writes in the end, and TensorBoard plays it.
     image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=gif.read_bytes())
-    experiment._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=f"{tag}/gif", image=image)]), step)
+    writer.add_summary(Summary(value=[Summary.Value(tag=f"{tag}/gif", image=image)]), step)
     if "png" in result:
-        experiment.add_image(f"{tag}/trajectory", iio.imread(result["png"])[..., :3], step, dataformats="HWC")
+        trajectory = iio.imread(result["png"])[..., :3]
+        logger.experiment.add_image(f"{tag}/trajectory", trajectory, step, dataformats="HWC")

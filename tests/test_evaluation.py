@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image, ImageSequence
 
 from kart_lightning.callbacks import HeldOutEvaluation
+from kart_lightning.checkpointing import CheckpointFiles, policy_path
 from kart_lightning.data.datamodule import ImpalaDataModule
 from kart_lightning.envs import EnvConfig, make_env
 from kart_lightning.evaluation import format_table, play_episode, summarize
-from kart_lightning.export import KartCheckpoint, policy_path
 from kart_lightning.module import ImpalaModule
 from kart_lightning.recording import RecordOptions, record_episode
 
@@ -123,15 +124,15 @@ class LastSavedBeforeAnyScore(Callback):
             self.seen = torch.load(last, weights_only=False)["global_step"] if last.is_file() else "missing"
 
 
-def test_evaluation_runs_in_its_own_process_while_training_goes_on_and_feeds_model_checkpoint(tmp_path):
+def test_evaluation_runs_in_its_own_process_while_training_goes_on_and_keeps_the_best_checkpoint(tmp_path):
     data = ImpalaDataModule(env=CARTPOLE, num_actors=1, unroll_length=5, batch_size=2, eval_episodes=20)
     model = ImpalaModule(obs_shape=data.obs_shape, num_actions=data.num_actions, torso="mlp", hidden_size=16)
-    evaluation = StepWatch(every_n_steps=10, final_wait_s=300)
-    best = KartCheckpoint(dirpath=tmp_path / "checkpoints", monitor="val/episode_return", mode="max",
-                          every_n_train_steps=10, save_top_k=1, save_last=True)
+    evaluation = StepWatch(every_n_steps=10, final_wait_s=300, monitor="val/episode_return", mode="max")
     early_last = LastSavedBeforeAnyScore(evaluation, step=10)
+    folder = tmp_path / "checkpoints"
+    checkpoint = ModelCheckpoint(dirpath=folder, every_n_train_steps=10, save_top_k=0, save_last=True)
     trainer = Trainer(default_root_dir=tmp_path, max_steps=300, logger=False, enable_progress_bar=False,
-                      callbacks=[evaluation, early_last, best])
+                      callbacks=[evaluation, early_last, checkpoint, CheckpointFiles()])
     trainer.fit(model, datamodule=data)
 
     assert evaluation.replies, "no evaluation came back"
@@ -141,20 +142,28 @@ def test_evaluation_runs_in_its_own_process_while_training_goes_on_and_feeds_mod
     assert 1 <= float(trainer.callback_metrics["val/episode_return"]) <= 500
     assert evaluation.worker.process is None, "the worker is stopped with fit"
 
-    # The best checkpoint holds the weights that earned the best score, at their step.
+    # best.ckpt holds the weights that earned the best score, at their step, though the score came
+    # back some steps later; the other evaluated checkpoints are gone.
     scores = {reply["step"]: np.mean([episode["return"] for episode in reply["results"]]) for reply in evaluation.replies}
     best_step = max(scores, key=lambda step: (scores[step], -step))
-    assert float(best.best_model_score) == pytest.approx(scores[best_step])
-    kept = torch.load(best.best_model_path, weights_only=False)
-    assert kept["global_step"] == best_step and Path(best.best_model_path).name == f"epoch=0-step={best_step}.ckpt"
-    policy = torch.jit.load(policy_path(best.best_model_path), _extra_files=(extra := {"kart_lightning.json": ""}))
+    assert evaluation.best_score == pytest.approx(scores[best_step]) and evaluation.best_step == best_step
+    kept = torch.load(folder / "best.ckpt", weights_only=False)
+    assert kept["global_step"] == best_step
+    assert sorted(path.name for path in folder.iterdir()) == ["best.ckpt", "best.policy.pt", "last.ckpt", "last.policy.pt"]
+    policy = torch.jit.load(policy_path(folder / "best.ckpt"), _extra_files=(extra := {"kart_lightning.json": ""}))
     assert json.loads(extra["kart_lightning.json"])["learner_step"] == best_step
     for name, tensor in policy.state_dict().items():
         assert torch.equal(tensor, kept["state_dict"][f"policy.{name}"]), name
-    # last.ckpt from the first interval on, without waiting for a score; and at the last step.
+    # last.ckpt from the first interval on, without waiting for a score; and at the last step,
+    # with the best score so far, for a resumed run to compare with.
     assert early_last.seen == 10
-    last = torch.load(Path(best.dirpath) / "last.ckpt", weights_only=False)
+    last = torch.load(folder / "last.ckpt", weights_only=False)
     assert last["global_step"] == 300
+    saved_best = last["callbacks"]["StepWatch"]
+    assert saved_best["best_step"] in scores and saved_best["best_score"] == pytest.approx(scores[saved_best["best_step"]])
+    resumed = HeldOutEvaluation(monitor="val/episode_return", mode="max")
+    resumed.load_state_dict(saved_best)
+    assert (resumed.best_score, resumed.best_step) == (saved_best["best_score"], saved_best["best_step"])
     if best_step != 300:
         assert not torch.equal(last["state_dict"]["policy.torso.0.weight"], kept["state_dict"]["policy.torso.0.weight"])
 

@@ -1,5 +1,5 @@
 """The scripted policy as bytes and back: how it travels to actor, evaluation and recording
-processes and into the exported `.policy.pt` files."""
+processes and to the learner's inference server."""
 
 import io
 

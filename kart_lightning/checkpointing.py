@@ -1,0 +1,199 @@
+"""How fit's checkpoint files are written: each atomically, with the TorchScript policy it holds
+beside it (`NAME.policy.pt` beside `NAME.ckpt`), and `last.ckpt` whenever fit ends.
+
+The policy file needs only torch to run:
+
+    import torch
+    extra = {"kart_lightning.json": ""}                  # obs shape and dtype, actions, preprocessing
+    policy = torch.jit.load("checkpoints/last.policy.pt", _extra_files=extra)
+    obs = torch.zeros(1, 4, 84, 84, dtype=torch.uint8)   # shape and dtype in the metadata
+    action, logits, value, state = policy.act(obs, torch.zeros(1, dtype=torch.long), torch.zeros(1),
+                                              torch.ones(1, dtype=torch.bool), policy.initial_state(1), True)
+"""
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
+
+from kart_lightning.envs import EnvConfig, find_family
+from kart_lightning.errors import ConfigError
+from kart_lightning.models import ActorCritic
+
+METADATA_FILE = "kart_lightning.json"
+"""The policy file's metadata, read with torch.jit.load(path, _extra_files={METADATA_FILE: ""})."""
+ARCHITECTURE_KEYS = ("obs_shape", "num_actions", "torso", "hidden_size", "use_lstm", "lstm_size")
+"""The model hyperparameters that build the policy (ActorCritic's arguments)."""
+POLICY_INPUTS = (
+    "act(obs [B, *obs_shape], prev_action [B] int64, reward [B] float32, done [B] bool, "
+    "core_state (h, c), greedy bool) -> (action [B], logits [B, A], value [B], core_state)"
+)
+
+
+def policy_path(checkpoint_path: str | Path) -> Path:
+    """`run/last.ckpt` -> `run/last.policy.pt`."""
+    return Path(checkpoint_path).with_suffix(".policy.pt")
+
+
+def policy_metadata(checkpoint: dict[str, Any], obs_dtype: str, env: EnvConfig | None) -> dict[str, Any]:
+    """What a user of the policy file needs to feed it: from the checkpoint, its input shape,
+    action count and training progress; from the run, the observations' dtype and the env."""
+    hparams = checkpoint["hyper_parameters"]
+    metadata: dict[str, Any] = {
+        "obs_shape": list(hparams["obs_shape"]),
+        "obs_dtype": obs_dtype,
+        "num_actions": hparams["num_actions"],
+        "learner_step": checkpoint["global_step"],
+        "env_frames": int(checkpoint["state_dict"]["env_frames"]),
+        "inputs": POLICY_INPUTS,
+    }
+    if env is not None:
+        metadata["env"] = dataclasses.asdict(env)
+        action_names = find_family(env.id).action_names
+        if action_names is not None:
+            metadata["actions"] = action_names(env)
+    return metadata
+
+
+def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Call `write` on a temporary file in `path`'s folder, then rename it to `path`: a process
+    killed mid-write (or a write that fails) leaves the previous file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as file:
+            write(file)
+            file.flush()
+            # On disk before the rename, so that a machine that goes down keeps one whole file.
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def move_checkpoint(source: Path, target: Path) -> None:
+    """Rename a checkpoint and its policy file, replacing `target`'s."""
+    if policy_path(source).is_file():
+        os.replace(policy_path(source), policy_path(target))
+    else:
+        policy_path(target).unlink(missing_ok=True)
+    os.replace(source, target)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint and its policy file, if there."""
+    Path(path).unlink(missing_ok=True)
+    policy_path(path).unlink(missing_ok=True)
+
+
+def saved_step(path: Path) -> int | None:
+    """The learner step of the checkpoint at `path`; None when there is none."""
+    if not path.is_file():
+        return None
+    # mmap: only the small pickled part is read, not the weights and optimizer state.
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+
+
+class PolicyCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, with every `NAME.ckpt` written atomically and, when
+    `export_policy`, the policy it holds written beside it as TorchScript on the CPU
+    (`NAME.policy.pt`, with METADATA_FILE); the two are removed together.
+
+    The policy is built from the checkpoint itself (its hyperparameters and `policy.` weights),
+    so it holds exactly the checkpoint's weights, whenever they were saved.
+
+    Args:
+        export_policy: write `NAME.policy.pt` beside each checkpoint.
+        obs_dtype: the observations' dtype (`uint8`, `float32`), for the metadata.
+        env: the env the policy plays, for the metadata.
+    """
+
+    def __init__(self, export_policy: bool = True, obs_dtype: str = "", env: EnvConfig | None = None) -> None:
+        self.export_policy = export_policy
+        self.obs_dtype = obs_dtype
+        self.env = env
+        # Scripting takes a while: one scripted module per architecture, given each checkpoint's weights.
+        self._policy: torch.jit.ScriptModule | None = None
+        self._architecture: dict[str, Any] | None = None
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options.")
+        path = Path(path)
+        write_atomically(path, lambda file: torch.save(checkpoint, file))
+        if self.export_policy:
+            policy = self.policy(checkpoint)
+            metadata = json.dumps(policy_metadata(checkpoint, self.obs_dtype, self.env), indent=2)
+            extra_files = {METADATA_FILE: metadata}
+            write_atomically(policy_path(path), lambda file: torch.jit.save(policy, file, _extra_files=extra_files))
+
+    def remove_checkpoint(self, path: str | Path) -> None:
+        remove_checkpoint(Path(path))
+
+    def policy(self, checkpoint: dict[str, Any]) -> torch.jit.ScriptModule:
+        """The scripted policy with the checkpoint's weights, on the CPU, in eval mode."""
+        architecture = {key: checkpoint["hyper_parameters"][key] for key in ARCHITECTURE_KEYS}
+        if architecture != self._architecture:
+            self._policy = torch.jit.script(ActorCritic(**architecture)).eval()
+            self._architecture = architecture
+        prefix = "policy."
+        weights = {name.removeprefix(prefix): tensor for name, tensor in checkpoint["state_dict"].items()
+                   if name.startswith(prefix)}
+        self._policy.load_state_dict(weights)
+        return self._policy
+
+
+class CheckpointFiles(Callback):
+    """Makes fit's checkpoint files complete: writes them through PolicyCheckpointIO (atomically,
+    each with its TorchScript policy beside it), and saves `last.ckpt` whenever fit ends (the frame
+    budget, max_time, Ctrl-C), not only at ModelCheckpoint's interval, so a stopped run loses no
+    learner steps. Other exceptions leave the last good `last.ckpt` as it is.
+
+    Args:
+        export_policy: write `NAME.policy.pt`, the policy alone as TorchScript, beside each `NAME.ckpt`.
+    """
+
+    def __init__(self, export_policy: bool = True) -> None:
+        self.export_policy = export_policy
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        io = trainer.strategy.checkpoint_io
+        if type(io) not in (TorchCheckpointIO, PolicyCheckpointIO):
+            raise ConfigError(
+                f"the trainer writes checkpoints with {type(io).__name__}, and CheckpointFiles needs to write them "
+                "itself: remove that plugin from trainer.plugins."
+            )
+        data = trainer.datamodule
+        obs_dtype = str(getattr(data, "obs_dtype", "")).removeprefix("torch.")
+        env = getattr(data, "env", None)
+        trainer.strategy.checkpoint_io = PolicyCheckpointIO(self.export_policy, obs_dtype, env)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.save_last(trainer)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):  # Ctrl-C: the user chose to stop here
+            self.save_last(trainer)
+
+    def save_last(self, trainer: Trainer) -> None:
+        """Save `last.ckpt` in each ModelCheckpoint's folder that keeps one, unless it holds this step."""
+        if trainer.state.fn != TrainerFn.FITTING or trainer.fast_dev_run or trainer.global_step == 0:
+            return
+        for checkpoint in trainer.checkpoint_callbacks:
+            if not (isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_last and checkpoint.dirpath):
+                continue
+            path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
+            behind = trainer.is_global_zero and saved_step(path) != trainer.global_step
+            # Saving is collective: every rank follows rank 0, the one that reads the file.
+            if trainer.strategy.broadcast(behind):
+                trainer.save_checkpoint(path, weights_only=checkpoint.save_weights_only)
