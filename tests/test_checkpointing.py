@@ -15,7 +15,7 @@ import pytest
 import torch
 from lightning.pytorch.cli import LightningCLI
 
-from kart_lightning.checkpointing import METADATA_FILE, PolicyCheckpointIO, action_names, policy_path
+from kart_lightning.checkpointing import METADATA_FILE, PolicyCheckpointIO, policy_metadata, policy_path
 from kart_lightning.cli import TRAINER_DEFAULTS, ImpalaCLI
 from kart_lightning.data.datamodule import ImpalaDataModule
 from kart_lightning.envs import EnvConfig
@@ -97,10 +97,12 @@ def test_a_write_that_fails_leaves_the_previous_checkpoint_whole_and_no_temporar
     assert [file.name for file in tmp_path.iterdir()] == ["last.ckpt"]
 
 
-def test_only_mario_kart_actions_have_names():
-    kart = action_names(EnvConfig(id="SuperMarioKart-Snes-v0"))
+def test_the_policy_metadata_names_the_actions_where_the_env_family_does():
+    checkpoint = {"hyper_parameters": {"obs_shape": [4, 84, 84], "num_actions": 7}, "global_step": 3,
+                  "state_dict": {"env_frames": torch.tensor(960)}}
+    kart = policy_metadata(checkpoint, "uint8", EnvConfig(id="SuperMarioKart-Snes-v0"))["actions"]
     assert list(kart)[:3] == ["noop", "accelerate", "accelerate_left"] and kart["accelerate"] == ["B"]
-    assert action_names(EnvConfig(id="CartPole-v1")) is None
+    assert "actions" not in policy_metadata(checkpoint, "float32", EnvConfig(id="CartPole-v1"))
 
 
 class Stop(Exception):
