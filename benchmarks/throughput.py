@@ -22,7 +22,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import GradClipAlgorithmType
 
 import kart_lightning
-from kart_lightning.cli import TRAINER_DEFAULTS, ImpalaCLI, fail
+from kart_lightning.cli import ImpalaCLI, build_cli, fail
 from kart_lightning.data.datamodule import ImpalaDataModule
 from kart_lightning.data.pool import ActorFailed
 from kart_lightning.data.rollout import create_buffers, rollout_spec, stack_slots
@@ -54,7 +54,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_known_args(argv)
 
 
-def build_cli(cli_args: list[str], run_dir: str) -> ImpalaCLI:
+def build_timing_cli(cli_args: list[str], run_dir: str) -> ImpalaCLI:
     """Model, datamodule and trainer exactly as `fit` builds them, then made fit for timing: no
     frame budget, no validation, no checkpoint files, no logger, no progress bar."""
     timing_args = [
@@ -74,18 +74,9 @@ def build_cli(cli_args: list[str], run_dir: str) -> ImpalaCLI:
     ]
     # Lightning warns when sys.argv and args are both given; ours are sys.argv minus this script's options.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    return ImpalaCLI(
-        ImpalaModule,
-        ImpalaDataModule,
-        trainer_defaults=TRAINER_DEFAULTS,
-        seed_everything_default=0,
-        auto_configure_optimizers=False,
-        save_config_callback=None,
-        parser_kwargs={"exit_on_error": False, "prog": "python benchmarks/throughput.py"},
-        # Ours come last so they win over the config and the user's overrides.
-        args=[*cli_args, *timing_args],
-        run=False,
-    )
+    # Ours come last so they win over the config and the user's overrides.
+    return build_cli([*cli_args, *timing_args], run=False, prog="python benchmarks/throughput.py",
+                     save_config_callback=None)
 
 
 # (a) E: the env-bound limit ------------------------------------------------------------------
@@ -450,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="kart-throughput-") as run_dir:
         try:
-            cli = build_cli(cli_args, run_dir)
+            cli = build_timing_cli(cli_args, run_dir)
         except ArgumentError as error:
             fail(f"{' '.join(str(error).split())} (see `python -m kart_lightning fit --help`).")
         except ConfigError as error:

@@ -14,6 +14,9 @@ The policy file needs only torch to run:
 import dataclasses
 import json
 import os
+import pickle
+import re
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -94,12 +97,57 @@ def remove_checkpoint(path: Path) -> None:
     policy_path(path).unlink(missing_ok=True)
 
 
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint at `path`, read with torch.load(weights_only=True): tensors and plain Python
+    types only, so nothing in the file runs. ConfigError, in one sentence naming the fix, for a
+    file that is not a kart_lightning checkpoint (missing, an exported policy, truncated, of
+    another program, or holding any other type)."""
+    path = Path(path)
+    fix = "pass a .ckpt file written by kart_lightning fit"
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist: {fix}.")
+    if not zipfile.is_zipfile(path):
+        # torch.save writes a zip archive; a file cut short loses the archive's directory at its end.
+        raise ConfigError(f"{path} is not a checkpoint, or was cut short: {fix}.")
+    if _is_torchscript(path):
+        raise ConfigError(
+            f"{path} is an exported TorchScript policy, not a checkpoint: pass the .ckpt file beside it "
+            f"({path.name.removesuffix('.policy.pt')}.ckpt)."
+        )
+    try:
+        # mmap: only the small pickled part is read, not the weights and optimizer state.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if unsafe:
+            raise ConfigError(
+                f"checkpoint {path} holds a {unsafe.group(1)}, which kart_lightning never loads (loading it "
+                f"could run code): {fix}."
+            ) from None
+        raise ConfigError(f"{path} is not a checkpoint (it cannot be unpickled): {fix}.") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as error:
+        raise ConfigError(f"checkpoint {path} cannot be read ({_first_line(error)}): {fix}.") from None
+    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("hyper_parameters"), dict)
+            and any(name.startswith("policy.") for name in checkpoint.get("state_dict", {}))):
+        raise ConfigError(f"{path} is not a kart_lightning checkpoint (another program's?): {fix}.")
+    return checkpoint
+
+
+def _is_torchscript(path: Path) -> bool:
+    """Whether the zip archive at `path` is TorchScript's: the scripted code in a `code/` folder."""
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name for name in archive.namelist())
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def saved_step(path: Path) -> int | None:
     """The learner step of the checkpoint at `path`; None when there is none."""
     if not path.is_file():
         return None
-    # mmap: only the small pickled part is read, not the weights and optimizer state.
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+    return read_checkpoint(path, mmap=True)["global_step"]
 
 
 class PolicyCheckpointIO(TorchCheckpointIO):

@@ -5,19 +5,17 @@ User mistakes are caught here and end in one sentence naming the fix, with exit 
 
 import dataclasses
 import os
-import pickle
 import sys
 from pathlib import Path
 from typing import Any
 
 import gymnasium
-import torch
 from jsonargparse import ArgumentError, ArgumentParser
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from kart_lightning.callbacks import EpisodeRecorder, HeldOutEvaluation
-from kart_lightning.checkpointing import ARCHITECTURE_KEYS, CheckpointFiles
+from kart_lightning.checkpointing import ARCHITECTURE_KEYS, CheckpointFiles, read_checkpoint
 from kart_lightning.console import quiet_library_notices
 from kart_lightning.data import ActorFailed, ImpalaDataModule, WeightPublisher
 from kart_lightning.envs import env_config_from_dict
@@ -82,6 +80,11 @@ class ImpalaCLI(LightningCLI):
         if subcommand is None:
             return
         config = self.config[subcommand]
+        if config.get("weights_only") is False:
+            raise ConfigError(
+                "weights_only false would let a checkpoint run code as it loads: kart_lightning reads "
+                "checkpoints with weights_only=True only; remove --weights_only."
+            )
         check_checkpoint(config.ckpt_path, None)
         if subcommand == "fit":
             check_monitor(config.checkpoint.monitor)
@@ -130,14 +133,7 @@ def check_checkpoint(ckpt_path: str | None, model_hparams: dict[str, Any] | None
             "(or `last` to resume the latest checkpoint in the checkpoint folder; the best on the held-out "
             "tracks is best.ckpt there)."
         )
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        saved = checkpoint["hyper_parameters"]
-    except (OSError, RuntimeError, KeyError, EOFError, ValueError, pickle.UnpicklingError) as error:
-        raise ConfigError(
-            f"checkpoint {ckpt_path} cannot be read ({type(error).__name__}): pass a .ckpt file "
-            "written by kart_lightning fit."
-        ) from None
+    saved = read_checkpoint(ckpt_path, mmap=True)["hyper_parameters"]
     if model_hparams is None:
         return
     differences = [
@@ -171,14 +167,19 @@ def record(args: list[str]) -> None:
     parser.add_class_arguments(RecordOptions)
     config = parser.parse_args(args)
     check_checkpoint(config.ckpt_path, None)
-    checkpoint = torch.load(config.ckpt_path, map_location="cpu", weights_only=False)
-    data = checkpoint["datamodule_hyper_parameters"]
+    checkpoint = read_checkpoint(config.ckpt_path)
+    data = checkpoint.get("datamodule_hyper_parameters")
+    if not isinstance(data, dict) or "env" not in data:
+        raise ConfigError(
+            f"{config.ckpt_path} holds no env settings (a checkpoint of another program?): pass a .ckpt file "
+            "written by kart_lightning fit."
+        )
     env = env_config_from_dict(data["eval_env"] or data["env"])
     name, env = held_out_envs(env)[0]
     if config.track is not None:
         name, env = config.track, dataclasses.replace(env, retro_state=config.track)
     out = Path(config.out or Path(config.ckpt_path).with_name(f"{Path(config.ckpt_path).stem}-{Path(name).stem}.gif"))
-    module = ImpalaModule.load_from_checkpoint(config.ckpt_path, map_location="cpu")
+    module = ImpalaModule.load_from_checkpoint(config.ckpt_path, map_location="cpu", weights_only=True)
     options = RecordOptions(**{field.name: config[field.name] for field in dataclasses.fields(RecordOptions)})
     try:
         result = record_episode(module.policy, env, out, options)
@@ -190,6 +191,28 @@ def record(args: list[str]) -> None:
     print(f"{name}: return {result['return']:.2f} in {result['length']} steps{extra}; wrote {written}")
 
 
+def build_cli(args: list[str] | None, run: bool = True, prog: str = "python -m kart_lightning",
+              **cli_kwargs: Any) -> ImpalaCLI:
+    """The ImpalaCLI of `python -m kart_lightning` (also what benchmarks build their runs with);
+    `cli_kwargs` override LightningCLI's arguments."""
+    return ImpalaCLI(
+        ImpalaModule,
+        ImpalaDataModule,
+        **{
+            "trainer_defaults": TRAINER_DEFAULTS,
+            "seed_everything_default": 0,
+            # The module configures RMSProp/Adam and the frame-based lr decay itself.
+            "auto_configure_optimizers": False,
+            "save_config_kwargs": {"overwrite": True},
+            # Parse errors come back as exceptions, so they print as one line, not a usage dump.
+            "parser_kwargs": {"exit_on_error": False, "prog": prog},
+            "args": args,
+            "run": run,
+            **cli_kwargs,
+        },
+    )
+
+
 def main(args: list[str] | None = None) -> None:
     """The command line, from `args` or else sys.argv."""
     quiet_library_notices()
@@ -198,19 +221,8 @@ def main(args: list[str] | None = None) -> None:
         if argv[:1] == ["record"]:
             record(argv[1:])
             return
-        ImpalaCLI(
-            ImpalaModule,
-            ImpalaDataModule,
-            trainer_defaults=TRAINER_DEFAULTS,
-            seed_everything_default=0,
-            # The module configures RMSProp/Adam and the frame-based lr decay itself.
-            auto_configure_optimizers=False,
-            save_config_kwargs={"overwrite": True},
-            # Parse errors come back as exceptions, so they print as one line, not a usage dump.
-            parser_kwargs={"exit_on_error": False, "prog": "python -m kart_lightning"},
-            # None reads sys.argv, as LightningCLI expects (given both, it warns).
-            args=args,
-        )
+        # None reads sys.argv, as LightningCLI expects (given both, it warns).
+        build_cli(args)
     except ArgumentError as error:
         fail(f"{' '.join(str(error).split())} (see `python -m kart_lightning SUBCOMMAND --help`).")
     except ConfigError as error:

@@ -140,7 +140,8 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
     and length (titled by their key: `race_time_s_mean` is "race time s")."""
     extra = [key for key in dict.fromkeys(key for row in summary.values() for key in row)
              if key not in {column[0] for column in _COLUMNS}]
-    columns = [*_COLUMNS, *((key, key.rsplit("_", 1)[0].replace("_", " "), "{:.2f}") for key in extra)]
+    columns = [*_COLUMNS, *((key, key.rsplit("_", 1)[0].replace("_", " "), "{:.0f}" if key.endswith("_sum") else "{:.2f}")
+                            for key in extra)]
     header = ["track", *(title for _, title, _ in columns)]
     rows = [
         [track, *(_cell(row.get(key), style) for key, _, style in columns)]

@@ -1,6 +1,7 @@
 """The command line end to end, in subprocesses: fit, resume, test, bad input, Ctrl-C."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -178,3 +179,20 @@ def test_fit_with_no_config_runs_the_quickstart_settings():
     default = kart("fit", "--print_config").stdout
     quickstart = kart("fit", "--config", "configs/quickstart.yaml", "--print_config").stdout
     assert default == quickstart
+
+
+LIBRARY_NOISE = re.compile(r"(?i)warning|deprecat|tip:|args parameter|A\.L\.E:|Powered by Stella")
+"""What a library notice looks like: none of our own sentences does."""
+
+
+@pytest.mark.parametrize("config", ["configs/cartpole.yaml", "configs/atari.yaml"])
+def test_help_and_a_short_fit_print_no_library_warnings_or_notices(config, tmp_path):
+    help_text = kart("fit", "--config", config, "--help")
+    assert LIBRARY_NOISE.findall(help_text.stderr) == []
+    run = kart("fit", "--config", config, "--model.max_frames", "2560", "--data.batch_size", "2",
+               "--data.envs_per_actor", "1", "--checkpoint.dirpath", str(tmp_path / "checkpoints"),
+               "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false")
+    assert LIBRARY_NOISE.findall(run.stderr) == [], run.stderr
+    # The model summary lists what the run has: the policy, no metric of another game.
+    summary_rows = [line for line in run.stdout.splitlines() + run.stderr.splitlines() if line.startswith("0 |")]
+    assert len(summary_rows) == 1 and "policy" in summary_rows[0]

@@ -14,8 +14,8 @@ from lightning.pytorch import Trainer
 from kart_lightning.data import ActorFailed, ActorPool, ImpalaDataModule, TrajectoryDataset, WeightPublisher
 from kart_lightning.data.inference import InferenceServer, RemoteInference
 from kart_lightning.data.rollout import create_buffers, empty_batch, rollout_spec, stack_slots
-from kart_lightning.data.weights import SharedWeights
 from kart_lightning.data.slots import FREE, SlotBoard
+from kart_lightning.data.weights import SharedWeights
 from kart_lightning.envs import EnvConfig
 from kart_lightning.models import ActorCritic
 from kart_lightning.module import ImpalaModule

@@ -17,7 +17,7 @@ from PIL import Image, ImageSequence
 
 from kart_lightning.callbacks import HeldOutEvaluation
 from kart_lightning.checkpointing import CheckpointFiles, policy_path
-from kart_lightning.data.datamodule import ImpalaDataModule
+from kart_lightning.data import ImpalaDataModule, WeightPublisher
 from kart_lightning.envs import EnvConfig, make_env
 from kart_lightning.evaluation import format_table, play_episode, summarize
 from kart_lightning.module import ImpalaModule
@@ -70,21 +70,23 @@ def test_test_prints_a_table_and_writes_json_beside_the_checkpoint(run_dir):
     assert "checkpoints_mean" not in row, "race columns only for races"
 
 
-def test_summary_and_table_of_races_hold_checkpoints_laps_finish_and_times():
+def test_races_are_summed_up_as_the_game_family_says_checkpoints_laps_finishes_and_times():
+    kart = "SuperMarioKart-Snes-v0"
     races = [
-        {"track": "MarioCircuit.Act4", "seed": 0, "return": 60.0, "length": 900, "checkpoints": 150,
-         "laps": 5, "finished": True, "race_time_s": 95.5, "best_lap_s": 18.2},
-        {"track": "MarioCircuit.Act4", "seed": 1, "return": 20.0, "length": 400, "checkpoints": 40,
-         "laps": 1, "finished": False, "race_time_s": 40.0, "best_lap_s": 19.0},
-        {"track": "DonutPlains.Act1", "seed": 0, "return": -3.0, "length": 150, "checkpoints": 2,
-         "laps": 0, "finished": False, "race_time_s": 9.0, "best_lap_s": None},
+        {"track": "MarioCircuit.Act4", "env_id": kart, "seed": 0, "return": 60.0, "length": 900,
+         "checkpoints": 150, "laps": 5, "finished": True, "race_time_s": 95.5, "best_lap_s": 18.2},
+        {"track": "MarioCircuit.Act4", "env_id": kart, "seed": 1, "return": 20.0, "length": 400,
+         "checkpoints": 40, "laps": 1, "finished": False, "race_time_s": None, "best_lap_s": 19.0},
+        {"track": "DonutPlains.Act1", "env_id": kart, "seed": 0, "return": -3.0, "length": 150,
+         "checkpoints": 2, "laps": 0, "finished": False, "race_time_s": None, "best_lap_s": None},
     ]
     summary = summarize(races)
     assert summary["MarioCircuit.Act4"] == {
         "episodes": 2, "return_mean": 40.0, "return_min": 20.0, "return_max": 60.0, "length_mean": 650.0,
-        "checkpoints_mean": 95.0, "laps_mean": 3.0, "finished": 1, "race_time_s_mean": 95.5, "best_lap_s": 18.2,
+        "checkpoints_mean": 95.0, "laps_mean": 3.0, "finished_sum": 1.0, "race_time_s_mean": 95.5,
+        "best_lap_s_min": 18.2,
     }
-    assert summary["DonutPlains.Act1"]["best_lap_s"] is None
+    assert summary["DonutPlains.Act1"]["best_lap_s_min"] is None
     table = format_table(summary).splitlines()
     assert table[0].split() == ["track", "episodes", "return", "mean", "min", "max", "steps", "checkpoints",
                                 "laps", "finished", "race", "time", "s", "best", "lap", "s"]
@@ -132,7 +134,7 @@ def test_evaluation_runs_in_its_own_process_while_training_goes_on_and_keeps_the
     folder = tmp_path / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=folder, every_n_train_steps=10, save_top_k=0, save_last=True)
     trainer = Trainer(default_root_dir=tmp_path, max_steps=300, logger=False, enable_progress_bar=False,
-                      callbacks=[evaluation, early_last, checkpoint, CheckpointFiles()])
+                      callbacks=[evaluation, early_last, checkpoint, CheckpointFiles(), WeightPublisher()])
     trainer.fit(model, datamodule=data)
 
     assert evaluation.replies, "no evaluation came back"
@@ -262,7 +264,7 @@ def test_recorder_writes_a_gif_under_the_run_folder_and_logs_it_to_tensorboard(t
     recorder = EpisodeRecorder(every_n_steps=2, max_frames=20, final_wait_s=300)
     logger = TensorBoardLogger(tmp_path, name="run")
     trainer = Trainer(default_root_dir=tmp_path, max_steps=4, logger=logger, enable_checkpointing=False,
-                      enable_progress_bar=False, callbacks=[recorder])
+                      enable_progress_bar=False, callbacks=[recorder, WeightPublisher()])
     trainer.fit(model, datamodule=data)
 
     # Step 2, and step 4: the last step records the final weights, and fit waits for it.

@@ -18,16 +18,15 @@ import gymnasium
 import numpy as np
 import pytest
 import stable_retro
-import yaml
 import torch
+import yaml
 from gymnasium.spaces import Box, Discrete, MultiBinary
 from gymnasium.wrappers import TimeLimit
 
 from kart_lightning.envs import EnvConfig, EnvConfigError, find_family, make_env, mario_kart
-from kart_lightning.envs.mario_kart.config import MarioKartConfig
-from kart_lightning.envs.retro import _retro_state
 from kart_lightning.envs.mario_kart import import_rom, states
 from kart_lightning.envs.mario_kart.actions import ACTION_SETS, SNES_BUTTONS, button_table, discrete_actions
+from kart_lightning.envs.mario_kart.config import MarioKartConfig
 from kart_lightning.envs.mario_kart.game import AIRBORNE, DRIVER_VIEW_ROWS
 from kart_lightning.envs.mario_kart.menus import (
     course_select_steps,
@@ -36,6 +35,7 @@ from kart_lightning.envs.mario_kart.menus import (
 )
 from kart_lightning.envs.mario_kart.paths import GAME, PACKAGE_INTEGRATION_DIR, user_game_dir
 from kart_lightning.envs.mario_kart.tracks import GP50_STARTS, TRACKS, get_start_state, get_track
+from kart_lightning.envs.retro import _retro_state
 from kart_lightning.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,8 +16,8 @@ from kart_lightning.envs import (
     EnvConfig,
     EnvConfigError,
     EnvFamily,
-    find_family,
     family_options,
+    find_family,
     make_env,
     register_env_family,
 )

@@ -84,6 +84,10 @@ class ImpalaDataModule(LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
+        # Plain types in checkpoints, so they load with torch.load(weights_only=True).
+        self.hparams.env = dataclasses.asdict(env) if dataclasses.is_dataclass(env) else env
+        if dataclasses.is_dataclass(eval_env):
+            self.hparams.eval_env = dataclasses.asdict(eval_env)
         for name in ("num_actors", "envs_per_actor", "unroll_length", "batch_size", "eval_episodes"):
             if getattr(self.hparams, name) < 1:
                 raise ConfigError(f"data.{name} is {getattr(self.hparams, name)}: set it to 1 or more.")

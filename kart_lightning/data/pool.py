@@ -9,7 +9,6 @@ import queue
 import time
 
 import numpy as np
-
 import torch
 import torch.multiprocessing as mp
 

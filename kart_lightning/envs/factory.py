@@ -5,7 +5,8 @@ Also the preprocessing that image families share: frame skip with max-pooling, t
 episode statistics, resizing and frame stacking.
 """
 
-from dataclasses import dataclass, field, fields, is_dataclass, asdict
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
 import gymnasium
@@ -57,17 +58,21 @@ class EnvConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def env_config_from_dict(value: "EnvConfig | dict[str, Any]") -> EnvConfig:
+def env_config_from_dict(value: "EnvConfig | Mapping[str, Any]") -> EnvConfig:
     """An EnvConfig from its dict form (as a checkpoint's datamodule hyperparameters hold it).
 
-    A nested settings dataclass that older checkpoints stored under its own key becomes `options`."""
+    Older checkpoints kept the game family's settings under a key of their own rather than
+    `options`: such a nested mapping becomes `options`."""
     if isinstance(value, EnvConfig):
         return value
     known = {option.name for option in fields(EnvConfig)}
     values = {key: item for key, item in dict(value).items() if key in known}
     for key, item in dict(value).items():
-        if key not in known and is_dataclass(item) and not values.get("options"):
-            values["options"] = asdict(item)
+        if key not in known and not values.get("options"):
+            if is_dataclass(item):
+                values["options"] = asdict(item)
+            elif isinstance(item, Mapping):
+                values["options"] = dict(item)
     return EnvConfig(**values)
 
 

@@ -8,6 +8,6 @@ from kart_lightning.envs.mario_kart.paths import GAME, register_integration
 
 register_integration()
 
-from kart_lightning.envs.mario_kart.family import DEFAULT_STATE, FAMILY  # noqa: E402 - after the integration
+from kart_lightning.envs.mario_kart.family import DEFAULT_STATE, FAMILY
 
 __all__ = ["DEFAULT_STATE", "FAMILY", "GAME", "register_integration"]
