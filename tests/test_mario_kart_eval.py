@@ -1,45 +1,35 @@
 """Held-out evaluation of a Mario Kart policy with the real game: the `test` table and JSON with race
-columns, and the `record` command's GIF and trajectory plot. Skipped without the ROM (see
-tests/test_mario_kart.py for where it is looked for)."""
+columns, and the `record` command's GIF and trajectory plot. The ROM comes from
+$KART_LIGHTNING_TEST_ROM_DIR (conftest.py)."""
 
 import json
-import os
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
 from PIL import Image, ImageSequence
-from test_mario_kart import in_rom_cache, rom_cache  # noqa: F401 - fixtures
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def kart(cache: Path, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "kart_lightning", *args], cwd=REPO, capture_output=True, text=True,
-        timeout=600, check=False, env={**os.environ, "KART_LIGHTNING_CACHE": str(cache)},
-    )
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stderr[-3000:]}"
-    return result
+pytestmark = pytest.mark.needs_rom
 
 
 @pytest.fixture(scope="module")
-def checkpoint(rom_cache: Path, tmp_path_factory) -> Path:  # noqa: F811 - the imported fixture
+def checkpoint(kart: Callable, rom_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """configs/impala.yaml trained for 2 learner steps: a real, barely trained checkpoint."""
     run_dir = tmp_path_factory.mktemp("impala")
-    kart(rom_cache, "fit", "--config", "configs/impala.yaml", "--model.max_frames", "2560",
+    kart("fit", "--config", "configs/impala.yaml", "--model.max_frames", "2560",
          "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(run_dir),
-         "--checkpoint.dirpath", str(run_dir / "checkpoints"))
+         "--checkpoint.dirpath", str(run_dir / "checkpoints"),
+         timeout_s=600, env={"KART_LIGHTNING_CACHE": str(rom_cache)})  # fmt: skip
     return run_dir / "checkpoints" / "last.ckpt"
 
 
-def test_test_on_the_held_out_track_reports_race_results(checkpoint: Path, rom_cache: Path) -> None:  # noqa: F811
-    result = kart(rom_cache, "test", "--config", "configs/impala.yaml", "--ckpt_path", str(checkpoint),
+def test_test_on_the_held_out_track_reports_race_results(kart: Callable, checkpoint: Path, rom_cache: Path) -> None:
+    result = kart("test", "--config", "configs/impala.yaml", "--ckpt_path", str(checkpoint),
                   "--data.eval_episodes", "1", "--trainer.enable_progress_bar", "false",
-                  "--trainer.default_root_dir", str(checkpoint.parent.parent))
+                  "--trainer.default_root_dir", str(checkpoint.parent.parent),
+                  env={"KART_LIGHTNING_CACHE": str(rom_cache)})
     row = next(line for line in result.stdout.splitlines() if line.startswith("MarioCircuit.Act4 "))
     assert len(row.split()) == 11, row
     report = json.loads(checkpoint.with_suffix(".test.json").read_text())
@@ -53,11 +43,12 @@ def test_test_on_the_held_out_track_reports_race_results(checkpoint: Path, rom_c
 
 
 def test_record_writes_a_full_resolution_gif_and_the_trajectory_over_the_map(
-    checkpoint: Path, rom_cache: Path, tmp_path: Path  # noqa: F811
+    kart: Callable, checkpoint: Path, rom_cache: Path, tmp_path: Path
 ) -> None:
     gif = tmp_path / "act4.gif"
-    result = kart(rom_cache, "record", "--ckpt_path", str(checkpoint), "--track", "MarioCircuit.Act4",
-                  "--out", str(gif), "--max_frames", "30", "--fps", "15")
+    result = kart("record", "--ckpt_path", str(checkpoint), "--track", "MarioCircuit.Act4",
+                  "--out", str(gif), "--max_frames", "30", "--fps", "15",
+                  env={"KART_LIGHTNING_CACHE": str(rom_cache)})
     assert "MarioCircuit.Act4: return" in result.stdout
     frames = iio.imread(gif, index=None)
     assert frames.shape[1:3] == (224, 256), "the SNES screen, driver's view and minimap"
