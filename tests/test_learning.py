@@ -16,7 +16,7 @@ def test_cartpole_reaches_a_mean_return_of_400_within_600k_frames(kart: Callable
     accumulator = EventAccumulator(str(events))
     accumulator.Reload()
     # Mean return of the last 100 training episodes (sampled actions, not greedy).
-    returns = [scalar.value for scalar in accumulator.Scalars("episode/return")]
+    returns = [scalar.value for scalar in accumulator.Scalars("train/episode_return")]
     frames = [scalar.value for scalar in accumulator.Scalars("env_frames")]
     assert frames[-1] >= 600_000
     assert max(returns) >= 400, f"best mean return {max(returns):.1f}"
