@@ -1,4 +1,4 @@
-"""IMPALA learns: CartPole-v1 through the real command line, actors and all."""
+"""IMPALA learns: CartPole-v1 through the real command line, actors and all (minutes: marked slow)."""
 
 from collections.abc import Callable
 
@@ -6,9 +6,10 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("inference", ["actor", "learner"])
 def test_cartpole_reaches_a_mean_return_of_400_within_600k_frames(kart: Callable, tmp_path, inference):
-    # configs/cartpole.yaml: seed 0, budget 600k env frames (about a minute on 2 cores).
+    # configs/cartpole.yaml: seed 0, budget 600k env frames (a minute or two on 2 cores).
     kart("fit", "--config", "configs/cartpole.yaml", "--data.inference", inference,
          "--checkpoint.dirpath", str(tmp_path / "checkpoints"), "--trainer.default_root_dir", str(tmp_path),
          "--trainer.enable_progress_bar", "false", timeout_s=900)  # fmt: skip

@@ -8,14 +8,12 @@ import hashlib
 import io
 import json
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 
 import gymnasium
 import numpy as np
 import pytest
 import stable_retro
-import torch
 import yaml
 from gymnasium.spaces import Box, Discrete, MultiBinary
 from gymnasium.wrappers import TimeLimit
@@ -277,6 +275,7 @@ def test_the_env_factory_starts_a_state_by_name_on_the_grid_of_its_track(in_rom_
     assert states.grid_problems(info, get_start_state("MarioCircuit.Act1")) == []
 
 
+@pytest.mark.slow
 @pytest.mark.needs_rom
 def test_every_track_special_cup_included_gets_a_state_on_its_grid(in_rom_cache: Path) -> None:
     names = [track.name for track in TRACKS]
@@ -290,6 +289,7 @@ def test_every_track_special_cup_included_gets_a_state_on_its_grid(in_rom_cache:
         assert states.grid_problems(info, get_start_state(name)) == [], name
 
 
+@pytest.mark.slow
 @pytest.mark.needs_rom
 def test_every_gp50_start_gets_a_state_on_its_grid_behind_the_cpu_drivers(in_rom_cache: Path) -> None:
     names = [start.name for start in GP50_STARTS]
@@ -305,6 +305,7 @@ def test_every_gp50_start_gets_a_state_on_its_grid_behind_the_cpu_drivers(in_rom
         assert states.grid_problems(info, get_start_state(name)) == [], name
 
 
+@pytest.mark.slow
 @pytest.mark.needs_rom
 def test_another_driver_gets_its_own_states_in_time_trial_and_gp(in_rom_cache: Path) -> None:
     assert states.main(["--tracks", "MarioCircuit.Act4", "MarioCircuit.Act1.GP50", "--driver", "Luigi"]) == 0
@@ -398,6 +399,7 @@ def test_a_list_of_states_is_dealt_round_robin_by_env_index(tmp_path: Path) -> N
     assert [_retro_state(config, index) for index in range(5)] == [str(paths[i]) for i in (0, 1, 2, 0, 1)]
 
 
+@pytest.mark.slow
 @pytest.mark.needs_rom
 def test_an_env_with_a_list_of_tracks_drives_each_in_turn_from_its_own(in_rom_cache: Path) -> None:
     tracks = ["MarioCircuit.Act1", "MarioCircuit.Act2", "MarioCircuit.Act3"]
@@ -465,6 +467,7 @@ def test_accelerating_from_the_grid_earns_progress_reward(in_rom_cache: Path) ->
     assert infos[-1]["race"]["progress"] == 2 and infos[-1]["race"]["speed"] > 600
 
 
+@pytest.mark.slow
 @pytest.mark.needs_rom
 def test_accelerating_from_a_gp50_grid_crosses_the_line_and_earns_progress_reward(in_rom_cache: Path) -> None:
     env = make_env(
@@ -578,19 +581,3 @@ def test_the_driver_view_rows_are_bounded_by_black_rows_above_and_below(in_rom_c
     assert row_is_black[:start].all() and row_is_black[stop : stop + 8].all()
     assert not row_is_black[start] and not row_is_black[stop - 1]
 
-
-# Training
-
-
-@pytest.mark.needs_rom
-def test_a_short_fit_on_the_mario_kart_config_runs_and_checkpoints(
-    kart: Callable, rom_cache: Path, tmp_path: Path
-) -> None:
-    run_dir = tmp_path / "run"
-    kart("fit", "--config", "configs/impala.yaml", "--model.max_frames", "2560",
-         "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(run_dir),
-         "--checkpoint.dirpath", str(run_dir / "checkpoints"),
-         timeout_s=600, env={"KART_LIGHTNING_CACHE": str(rom_cache)})  # fmt: skip
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert int(checkpoint["state_dict"]["env_frames"]) >= 2560
-    assert list(run_dir.glob("lightning_logs/version_*/events.out.tfevents.*"))
