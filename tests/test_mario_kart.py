@@ -16,7 +16,6 @@ import pytest
 import stable_retro
 import yaml
 from gymnasium.spaces import Box, Discrete, MultiBinary
-from gymnasium.wrappers import TimeLimit
 
 from kart_lightning.envs import EnvConfig, EnvConfigError, find_family, make_env, mario_kart
 from kart_lightning.envs.mario_kart import import_rom, states
@@ -30,7 +29,6 @@ from kart_lightning.envs.mario_kart.menus import (
 )
 from kart_lightning.envs.mario_kart.paths import GAME, PACKAGE_INTEGRATION_DIR, user_game_dir
 from kart_lightning.envs.mario_kart.tracks import GP50_STARTS, TRACKS, get_start_state, get_track
-from kart_lightning.envs.retro import _retro_state
 from kart_lightning.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -322,15 +320,19 @@ def test_another_driver_gets_its_own_states_in_time_trial_and_gp(in_rom_cache: P
 
 
 @pytest.mark.needs_rom
-def test_a_state_file_is_a_gzipped_emulator_state(in_rom_cache: Path) -> None:
+def test_a_state_file_is_a_gzipped_snes9x_savestate(in_rom_cache: Path) -> None:
     with gzip.open(states.state_path("MarioCircuit.Act1"), "rb") as file:
-        assert len(file.read()) > 0
+        assert file.read(14) == b"#!s9xsnp:0009\n"
 
 
 @pytest.mark.needs_rom
-def test_the_contact_sheet_tiles_one_256x224_frame_per_track(in_rom_cache: Path) -> None:
-    sheet = states.contact_sheet(["MarioCircuit.Act1"], columns=1)
-    assert sheet.size == (256, 224)
+def test_the_contact_sheet_tiles_one_256x224_frame_per_state_columns_wide(in_rom_cache: Path) -> None:
+    sheet = np.asarray(states.contact_sheet(["MarioCircuit.Act1"] * 3, columns=2))
+    assert sheet.shape == (2 * 224, 2 * 256, 3)
+    tiles = [sheet[row : row + 224, column : column + 256] for row in (0, 224) for column in (0, 256)]
+    np.testing.assert_array_equal(tiles[1], tiles[0])
+    np.testing.assert_array_equal(tiles[2], tiles[0])
+    assert tiles[0].any() and not tiles[3].any(), "three frames, then the empty fourth place"
 
 
 def test_the_states_command_exits_with_code_2_for_an_unknown_track() -> None:
@@ -388,15 +390,7 @@ def test_laps_beyond_the_race_are_a_config_error() -> None:
         make_env(EnvConfig(id=GAME, options=MarioKartConfig(laps=6)))
 
 
-# Several tracks
-
-
-def test_a_list_of_states_is_dealt_round_robin_by_env_index(tmp_path: Path) -> None:
-    paths = [tmp_path / f"{name}.state" for name in ("a", "b", "c")]
-    for path in paths:
-        path.write_bytes(b"")
-    config = EnvConfig(id=GAME, retro_state=[str(path) for path in paths])
-    assert [_retro_state(config, index) for index in range(5)] == [str(paths[i]) for i in (0, 1, 2, 0, 1)]
+# Several tracks (how a list is dealt to envs is specified for every stable-retro game in test_envs.py)
 
 
 @pytest.mark.slow
@@ -412,11 +406,6 @@ def test_an_env_with_a_list_of_tracks_drives_each_in_turn_from_its_own(in_rom_ca
     finally:
         env.close()
     assert played == ["MarioCircuit.Act2", "MarioCircuit.Act3", "MarioCircuit.Act1", "MarioCircuit.Act2"]
-
-
-def test_an_empty_list_of_states_is_a_config_error() -> None:
-    with pytest.raises(EnvConfigError, match="name at least one state"):
-        _retro_state(EnvConfig(id=GAME, retro_state=[]), 0)
 
 
 # On the real game
@@ -545,16 +534,20 @@ def test_the_race_terminates_when_the_lap_counter_passes_the_last_lap(in_rom_cac
     assert info["race"]["finished"] and info["lap"] == 133
 
 
+@pytest.mark.slow
 @pytest.mark.needs_rom
 def test_a_race_is_truncated_at_5_minutes_of_frames_by_default(in_rom_cache: Path) -> None:
-    env = _kart_env()
+    # Standing on the grid (no stall limit): nothing but the time limit ends the race.
+    env = _kart_env(stall_steps=None)
     try:
-        wrapper = env
-        while not isinstance(wrapper, TimeLimit):
-            wrapper = wrapper.env
-        assert wrapper._max_episode_steps == 18_000 // 4
+        for step in range(1, 18_000 // 4 + 10):
+            _, _, terminated, truncated, _ = env.step(0)
+            if terminated or truncated:
+                break
     finally:
         env.close()
+    assert truncated and not terminated
+    assert step == 18_000 // 4, "5 minutes of 60 frames/s at 4 frames per agent step"
 
 
 @pytest.mark.needs_rom
@@ -580,4 +573,3 @@ def test_the_driver_view_rows_are_bounded_by_black_rows_above_and_below(in_rom_c
     row_is_black = screen.max(axis=(1, 2)) == 0
     assert row_is_black[:start].all() and row_is_black[stop : stop + 8].all()
     assert not row_is_black[start] and not row_is_black[stop - 1]
-
