@@ -32,14 +32,15 @@ from kart_lightning.envs.mario_kart.tracks import GP50_STARTS, TRACKS, get_start
 from kart_lightning.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-DESIGN_ROM_SHA1 = "fe8ca691fc951eff2dd7830fcd1e2b11ac9d6419"
-"""DESIGN.md's SHA-1 of the USA ROM: it covers the whole file, 512-byte copier header included."""
+PUBLISHED_ROM_SHA1 = "fe8ca691fc951eff2dd7830fcd1e2b11ac9d6419"
+"""The SHA-1 published for the USA ROM (with its copier header): it covers the whole 524,800-byte file."""
 
-DESIGN_VARIABLES = {
+PUBLISHED_RAM_MAP = {
     "x", "y", "speed", "speed_x", "speed_y", "camera_angle", "kart_angle", "checkpoint",
     "checkpoint_count", "lap", "clock_centiseconds", "clock_seconds", "clock_minutes",
     "ground_status", "ground_type", "out_of_control", "collision", "rank", "coins", "lakitu",
 }  # fmt: skip
+"""The variables of the commonly published RAM map (Data Crystal), checked in NOTES.md."""
 
 
 # Integration folder
@@ -54,9 +55,9 @@ def test_the_env_registry_finds_the_game_family_by_its_id() -> None:
     assert find_family(GAME).envs_per_process == 1
 
 
-def test_data_json_declares_every_variable_of_the_design_ram_map_and_the_track_and_driver() -> None:
+def test_data_json_declares_every_variable_of_the_published_ram_map_and_the_track_and_driver() -> None:
     info = json.loads((PACKAGE_INTEGRATION_DIR / GAME / "data.json").read_text())["info"]
-    assert set(info) == DESIGN_VARIABLES | {"track", "driver"}
+    assert set(info) == PUBLISHED_RAM_MAP | {"track", "driver"}
 
 
 def test_the_package_integration_folder_ships_no_rom_and_no_state() -> None:
@@ -107,15 +108,15 @@ def test_require_rom_rejects_a_file_that_is_not_the_usa_rom(empty_cache: Path) -
 
 
 @pytest.mark.needs_rom
-def test_the_design_sha1_covers_the_headered_file_and_rom_sha_the_headerless_rom(rom_dir: Path) -> None:
-    headered = [
+def test_the_published_sha1_is_of_the_headered_file_and_rom_sha_of_the_headerless_one(rom_dir: Path) -> None:
+    published = [
         data for path in sorted(rom_dir.iterdir()) if path.is_file()
-        if hashlib.sha1(data := path.read_bytes()).hexdigest() == DESIGN_ROM_SHA1
+        if hashlib.sha1(data := path.read_bytes()).hexdigest() == PUBLISHED_ROM_SHA1
     ]  # fmt: skip
-    if not headered:
-        pytest.skip(f"the ROM in {rom_dir} is not the copy whose SHA-1 is given")
-    assert len(headered[0]) == 512 * 1024 + import_rom.COPIER_HEADER_BYTES
-    assert hashlib.sha1(import_rom.strip_copier_header(headered[0])).hexdigest() in import_rom.known_sha1s()
+    if not published:
+        pytest.skip(f"the ROM in {rom_dir} is not the copy whose SHA-1 is published")
+    assert len(published[0]) == 512 * 1024 + import_rom.COPIER_HEADER_BYTES
+    assert hashlib.sha1(import_rom.strip_copier_header(published[0])).hexdigest() in import_rom.known_sha1s()
 
 
 @pytest.mark.needs_rom
