@@ -4,6 +4,7 @@ import dataclasses
 import gzip
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import gymnasium
 import numpy as np
@@ -78,13 +79,22 @@ def test_time_limit_truncates_rather_than_terminates(env_id: str):
     assert ends == [(False, False), (False, False), (False, True)]
 
 
-def test_same_seed_gives_same_first_observation():
-    config = EnvConfig(id="ALE/Pong-v5")
-    with built(config, seed=7) as env:
-        first, _ = env.reset()
-    with built(config, seed=7) as env:
-        again, _ = env.reset()
-    np.testing.assert_array_equal(first, again)
+def frames_played(seed: int, steps: int = 30) -> np.ndarray:
+    """`[steps + 1, 4, 84, 84] uint8`: Pong from `make_env(seed)` and a plain reset, under actions
+    sampled from its action space. Pong's first frame is the same whatever the seed; the frames
+    after it depend on the sampled actions and on ALE's sticky actions."""
+    with built(EnvConfig(id="ALE/Pong-v5"), seed=seed) as env:
+        frames = [env.reset()[0]]
+        frames += [env.step(env.action_space.sample())[0] for _ in range(steps)]
+    return np.stack(frames)
+
+
+def test_the_same_seed_plays_the_same_frames():
+    np.testing.assert_array_equal(frames_played(seed=7), frames_played(seed=7))
+
+
+def test_another_seed_plays_other_frames():
+    assert not np.array_equal(frames_played(seed=7), frames_played(seed=8))
 
 
 def test_unknown_env_id_raises_error_naming_the_fix():
@@ -104,19 +114,28 @@ def test_unknown_retro_state_raises_error_listing_the_states():
         make_env(EnvConfig(id="Airstriker-Genesis-v0", retro_state="Level9"))
 
 
-def test_several_retro_states_are_played_in_turn_episode_after_episode(tmp_path):
-    level1 = EnvConfig(id="Airstriker-Genesis-v0", noop_max=0)
-    env = make_env(level1)
+AIRSTRIKER = EnvConfig(id="Airstriker-Genesis-v0", noop_max=0)
+
+
+@pytest.fixture(scope="module")
+def later_state(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    """A second Airstriker state, 100 steps into Level1, and Level1's own first observation."""
+    env = make_env(AIRSTRIKER)
     try:
         level1_start = env.reset(seed=0)[0]
         for _ in range(100):
             env.step(1)
-        later = tmp_path / "later.state"
+        later = tmp_path_factory.mktemp("states") / "later.state"
         with gzip.open(later, "wb") as file:
             file.write(env.unwrapped.em.get_state())
     finally:
         env.close()
-    env = make_env(dataclasses.replace(level1, retro_state=["Level1", str(later)]), env_index=1)
+    return later, level1_start
+
+
+def test_several_retro_states_are_played_in_turn_episode_after_episode(later_state):
+    later, level1_start = later_state
+    env = make_env(dataclasses.replace(AIRSTRIKER, retro_state=["Level1", str(later)]), env_index=1)
     try:
         starts = []
         for _ in range(4):
@@ -129,6 +148,24 @@ def test_several_retro_states_are_played_in_turn_episode_after_episode(tmp_path)
     assert not np.array_equal(starts[0], level1_start), "env 1 starts from the list's second state"
     assert np.array_equal(starts[1], level1_start) and np.array_equal(starts[3], level1_start)
     assert np.array_equal(starts[0], starts[2]) and np.array_equal(starts[0], fifth)
+
+
+def test_env_i_starts_from_state_i_modulo_the_length_of_the_list(later_state):
+    later, level1_start = later_state
+    config = dataclasses.replace(AIRSTRIKER, retro_state=[str(later), "Level1", "Level1"])
+    starts_on_level1 = []
+    for env_index in range(5):
+        env = make_env(config, env_index=env_index)
+        try:
+            starts_on_level1.append(bool(np.array_equal(env.reset(seed=0)[0], level1_start)))
+        finally:
+            env.close()
+    assert starts_on_level1 == [False, True, True, False, True]
+
+
+def test_an_empty_list_of_states_is_a_config_error():
+    with pytest.raises(EnvConfigError, match="name at least one state"):
+        make_env(dataclasses.replace(AIRSTRIKER, retro_state=[]))
 
 
 def test_non_discrete_action_space_raises_error_naming_the_fix():

@@ -60,27 +60,71 @@ def test_every_loss_term_reaches_the_policy_parameters():
         assert grads and any(bool(g.abs().sum() > 0) for g in grads), name
 
 
-def test_a_terminal_step_cuts_the_return_and_a_truncated_one_bootstraps():
-    module = make_module(discount=0.9, use_lstm=False)
-    batch = behaviour_batch(module)
-    batch["done"][:] = False
-    batch["reward"][:] = 0.0
-    batch["done"][T, 0] = True
-    batch["done"][T, 1] = True
-    batch["truncation_value"][T, 1] = 0.5
-    # Both envs end on the last step; only the truncated one (env 1) keeps a value beyond it.
-    with torch.no_grad():
-        _, values, _ = module(batch)
-    from kart_lightning.losses import vtrace
+# Episode ends in the loss. With the value head giving VALUE everywhere and the batch on-policy, the
+# V-trace target vs_s is the n-step return (the paper's eq. 1 with every ρ and c equal to 1): the
+# discounted rewards to the end of the episode, or to obs[T] plus γ^n · VALUE if it runs on. The
+# baseline loss is then baseline_cost · ½ Σ (vs_s − VALUE)² over steps and envs.
 
-    rewards = batch["reward"][1:] + 0.9 * batch["truncation_value"][1:]
-    discounts = (~batch["done"][1:]).float() * 0.9
-    returns = vtrace.from_logits(
-        batch["behaviour_logits"][:-1], batch["behaviour_logits"][:-1], batch["action"][:-1],
-        discounts, rewards, values[:-1], values[-1],
-    )
-    assert returns.vs[T - 1, 0] == pytest.approx(0.0, abs=1e-6)
-    assert returns.vs[T - 1, 1] == pytest.approx(0.9 * 0.5, abs=1e-6)
+GAMMA, VALUE = 0.9, 2.0
+END = 3
+"""The step whose arrival ends every env's episode: departures 0 .. END-1 are its last steps."""
+
+
+def episode_end_batch(module: ImpalaModule, last_reward: float, truncation_value: float = 0.0) -> dict:
+    """A batch in which every env's episode ends on the step END-1 -> END with `last_reward` (its
+    only reward) and, for a time-limit truncation, `truncation_value`, then runs on to obs[T]."""
+    batch = behaviour_batch(module)
+    batch["reward"].zero_()
+    batch["done"].zero_()
+    batch["reward"][END] = last_reward
+    batch["done"][END] = True
+    batch["truncation_value"][END] = truncation_value
+    with torch.no_grad():
+        # On-policy: the rewards and episode ends are policy inputs, so the logits are taken again.
+        batch["behaviour_logits"] = module(batch)[0]
+    return batch
+
+
+def constant_value_module(**overrides) -> ImpalaModule:
+    module = make_module(use_lstm=False, discount=GAMMA, baseline_cost=1.0, **overrides)
+    with torch.no_grad():
+        module.policy.baseline.weight.zero_()
+        module.policy.baseline.bias.fill_(VALUE)
+    return module
+
+
+def baseline_loss(targets: list[float]) -> float:
+    """½ Σ (vs − VALUE)² for the targets of steps 0 .. T-1, the same in each of the B envs."""
+    assert len(targets) == T
+    return B * 0.5 * sum((target - VALUE) ** 2 for target in targets)
+
+
+# After END a new episode runs to obs[T], which bootstraps with V = VALUE.
+NEXT_EPISODE_TARGETS = [GAMMA ** (T - s) * VALUE for s in range(END, T)]
+
+
+def test_a_terminal_step_cuts_the_return():
+    module = constant_value_module()
+    losses = module.compute_loss(episode_end_batch(module, last_reward=1.0))
+    episode_targets = [GAMMA ** (END - 1 - s) * 1.0 for s in range(END)]
+    expected = baseline_loss(episode_targets + NEXT_EPISODE_TARGETS)
+    assert losses["baseline_loss"].item() == pytest.approx(expected)
+
+
+def test_a_truncated_step_bootstraps_from_its_truncation_value():
+    module = constant_value_module()
+    losses = module.compute_loss(episode_end_batch(module, last_reward=1.0, truncation_value=0.5))
+    episode_targets = [GAMMA ** (END - 1 - s) * (1.0 + GAMMA * 0.5) for s in range(END)]
+    expected = baseline_loss(episode_targets + NEXT_EPISODE_TARGETS)
+    assert losses["baseline_loss"].item() == pytest.approx(expected)
+
+
+def test_the_loss_clips_rewards_but_not_the_truncation_value():
+    module = constant_value_module(reward_clipping="abs_one")
+    losses = module.compute_loss(episode_end_batch(module, last_reward=10.0, truncation_value=5.0))
+    episode_targets = [GAMMA ** (END - 1 - s) * (1.0 + GAMMA * 5.0) for s in range(END)]
+    expected = baseline_loss(episode_targets + NEXT_EPISODE_TARGETS)
+    assert losses["baseline_loss"].item() == pytest.approx(expected)
 
 
 def test_reward_clipping_modes():
@@ -93,12 +137,27 @@ def test_reward_clipping_modes():
 
 
 def test_learning_rate_decays_linearly_to_zero_over_the_frame_budget():
-    module = make_module(max_frames=1000)
-    assert module._lr_factor(0) == 1.0
-    module.env_frames.fill_(250)
-    assert module._lr_factor(0) == pytest.approx(0.75)
-    module.env_frames.fill_(5000)
-    assert module._lr_factor(0) == 0.0
+    module = make_module(max_frames=1000, learning_rate=0.01)
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    learning_rates = [optimizer.param_groups[0]["lr"]]
+    # What each learner step does: count its frames, step the optimizer, then the schedule.
+    for env_frames in (250, 500, 1000, 5000):
+        module.env_frames.fill_(env_frames)
+        optimizer.step()
+        scheduler.step()
+        learning_rates.append(optimizer.param_groups[0]["lr"])
+    assert learning_rates == pytest.approx([0.01, 0.0075, 0.005, 0.0, 0.0])
+
+
+def test_without_lr_decay_the_learning_rate_stays():
+    module = make_module(max_frames=1000, learning_rate=0.01, lr_decay=False)
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    module.env_frames.fill_(500)
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
 
 
 def test_env_frame_counter_is_saved_in_the_state_dict():

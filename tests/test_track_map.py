@@ -1,7 +1,6 @@
 """Specification of the track map: the course read from the emulator's Mode 7 plane, RAM positions on
-it, and the trajectory plot. Tests that need the game find the ROM as tests/test_mario_kart.py does."""
+it, and the trajectory plot. Tests marked `needs_rom` play the real game (ROM: see conftest.py)."""
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,9 +10,7 @@ import pytest
 import stable_retro
 from PIL import Image
 
-from kart_lightning.envs import mario_kart
 from kart_lightning.envs.factory import EnvConfig, make_env
-from kart_lightning.envs.mario_kart import import_rom, states
 from kart_lightning.envs.mario_kart.actions import DRIVE
 from kart_lightning.envs.mario_kart.game import LAP_ON_GRID
 from kart_lightning.envs.mario_kart.paths import GAME
@@ -39,39 +36,12 @@ ROAD_AHEAD_ROWS = slice(51, 67)
 the horizon, above the kart, beside Lakitu."""
 
 
-def _shared_rom() -> Path | None:
-    """The test ROM: $KART_LIGHTNING_ROM, else ../shared/roms next to the repository."""
-    if os.environ.get("KART_LIGHTNING_ROM"):
-        return Path(os.environ["KART_LIGHTNING_ROM"])
-    candidates = sorted((Path(__file__).resolve().parents[2] / "shared" / "roms").glob("*.sfc"))
-    return candidates[0] if candidates else None
-
-
-@pytest.fixture(scope="module")
-def rom_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A cache holding the imported ROM and the MarioCircuit.Act1 state, made once for this module."""
-    rom = _shared_rom()
-    if rom is None or not rom.is_file():
-        pytest.skip("no Super Mario Kart ROM: set KART_LIGHTNING_ROM or put it in ../shared/roms")
-    cache = tmp_path_factory.mktemp("kart_lightning_cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("KART_LIGHTNING_CACHE", str(cache))
-        assert import_rom.main([str(rom)]) == 0
-        states.make_states(["MarioCircuit.Act1"])
-        yield cache
-    mario_kart.register_integration()
-
-
 @pytest.fixture
-def kart_env(rom_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[gymnasium.Env]:
+def kart_env(in_rom_cache: Path) -> Iterator[gymnasium.Env]:
     """Mario Circuit 1 from the env factory, on the grid, one emulator frame per step."""
-    monkeypatch.setenv("KART_LIGHTNING_CACHE", str(rom_cache))
-    mario_kart.register_integration()
     env = make_env(EnvConfig(id=GAME, retro_state="MarioCircuit.Act1", frame_skip=1))
     yield env
     env.close()
-    monkeypatch.undo()
-    mario_kart.register_integration()
 
 
 def _ram(env: gymnasium.Env) -> dict[str, int]:
@@ -100,12 +70,14 @@ def _is_grey(colours: np.ndarray) -> np.ndarray:
 # The map
 
 
+@pytest.mark.needs_rom
 def test_the_map_is_the_whole_course_in_many_colours(kart_env: gymnasium.Env) -> None:
     map_image = track_map(kart_env)
     assert map_image.shape == (PLANE_PIXELS, PLANE_PIXELS, 3) and map_image.dtype == np.uint8
     assert len(np.unique(map_image.reshape(-1, 3), axis=0)) >= 16
 
 
+@pytest.mark.needs_rom
 def test_the_map_has_the_colours_of_the_road_ahead_on_screen(kart_env: gymnasium.Env) -> None:
     # The palette read from CGRAM is the one the screen is drawn with.
     map_colours = {tuple(colour) for colour in track_map(kart_env).reshape(-1, 3)}
@@ -113,9 +85,8 @@ def test_the_map_has_the_colours_of_the_road_ahead_on_screen(kart_env: gymnasium
     assert {tuple(colour) for colour in screen.reshape(-1, 3)} <= map_colours
 
 
-def test_the_map_is_refused_outside_a_race(rom_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KART_LIGHTNING_CACHE", str(rom_cache))
-    mario_kart.register_integration()
+@pytest.mark.needs_rom
+def test_the_map_is_refused_outside_a_race(in_rom_cache: Path) -> None:
     env = stable_retro.make(
         GAME, state=stable_retro.State.NONE, inttype=stable_retro.data.Integrations.ALL, render_mode=None
     )
@@ -137,12 +108,14 @@ def test_ram_positions_are_quarter_pixels_read_as_signed_words() -> None:
     np.testing.assert_allclose(map_pixels([3712], [2288], map_size=512), [[464], [286]])
 
 
+@pytest.mark.needs_rom
 def test_the_grid_position_is_on_the_road_of_the_map(kart_env: gymnasium.Env) -> None:
     grid = _pixels_under(track_map(kart_env), [_ram(kart_env)])
     assert _ram(kart_env)["ground_type"] == ROAD
     assert _is_grey(grid).all()
 
 
+@pytest.mark.needs_rom
 def test_the_lap_counter_steps_where_the_kart_meets_the_chequered_line(kart_env: gymnasium.Env) -> None:
     map_image = track_map(kart_env)
     readings = _drive(kart_env, [ACCELERATE] * 120)
@@ -152,6 +125,7 @@ def test_the_lap_counter_steps_where_the_kart_meets_the_chequered_line(kart_env:
     assert {tuple(colour) for colour in map_image[row - 2 : row + 3, column]} >= CHEQUER
 
 
+@pytest.mark.needs_rom
 def test_a_driven_path_is_grey_on_the_map_exactly_where_the_game_reads_road(kart_env: gymnasium.Env) -> None:
     map_image = track_map(kart_env)
     # Up the start straight, then a hard left off the road onto the sand beside it.
