@@ -6,6 +6,7 @@ User mistakes are caught here and end in one sentence naming the fix, with exit 
 import dataclasses
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,9 @@ class ImpalaCLI(LightningCLI):
     def before_fit(self) -> None:
         self.trainer.limit_val_batches = 0
         check_checkpoint(self.config.fit.ckpt_path, self.model.hparams)
+        for checkpoint in self.trainer.checkpoint_callbacks:
+            if checkpoint.dirpath:
+                check_writable(checkpoint.dirpath, "--checkpoint.dirpath")
 
     def before_validate(self) -> None:
         check_checkpoint(self.config.validate.ckpt_path, self.model.hparams)
@@ -148,6 +152,19 @@ def check_checkpoint(ckpt_path: str | None, model_hparams: dict[str, Any] | None
         )
 
 
+def check_writable(folder: str | Path, option: str) -> None:
+    """Raise ConfigError naming `option` unless files can be written in `folder` (made if missing):
+    found before training rather than at the first checkpoint."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"cannot write to {folder} ({error.strerror or error}): choose a writable folder with {option}."
+        ) from None
+
+
 def list_or_value(value: Any) -> Any:
     return list(value) if isinstance(value, (list, tuple)) else value
 
@@ -179,6 +196,7 @@ def record(args: list[str]) -> None:
     if config.track is not None:
         name, env = config.track, dataclasses.replace(env, retro_state=config.track)
     out = Path(config.out or Path(config.ckpt_path).with_name(f"{Path(config.ckpt_path).stem}-{Path(name).stem}.gif"))
+    check_writable(out.parent, "--out")
     module = ImpalaModule.load_from_checkpoint(config.ckpt_path, map_location="cpu", weights_only=True)
     options = RecordOptions(**{field.name: config[field.name] for field in dataclasses.fields(RecordOptions)})
     try:

@@ -175,11 +175,10 @@ class ImpalaModule(LightningModule):
             values = batch[name][1:][finished]
             values = values[~torch.isnan(values)]
             if values.numel():
-                mean = self.episode_means.setdefault(
-                    name, RunningMean(window=self.hparams.return_window, nan_strategy="ignore")
-                )
+                if name not in self.episode_means:
+                    self.episode_means[name] = RunningMean(window=self.hparams.return_window, nan_strategy="ignore")
                 for value in values.tolist():
-                    mean.update(value)
+                    self.episode_means[name].update(value)
         for name, mean in self.episode_means.items():
             self.log(f"train/{name}", mean.compute(), prog_bar=name == "episode_return", batch_size=batch_size)
         if self.episodes:

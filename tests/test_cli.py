@@ -1,5 +1,6 @@
 """The command line end to end, in subprocesses: fit, resume, test, bad input, Ctrl-C."""
 
+import gzip
 import os
 import re
 import signal
@@ -17,15 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 FRAMES_PER_STEP = 320
 
 
-def kart(*args: str, timeout_s: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "kart_lightning", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout_s, check=False,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\n{result.stderr[-3000:]}")
-    return result
-
 
 def cartpole_args(run_dir: Path, max_frames: int) -> list:
     return [
@@ -39,11 +31,11 @@ def cartpole_args(run_dir: Path, max_frames: int) -> list:
 
 
 def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
+def trained(tmp_path_factory, kart) -> Path:
     """A CartPole run of 200 learner steps, stopped by its frame budget between two checkpoint
     intervals (every 7 steps: the last periodic save is at 196)."""
     run_dir = tmp_path_factory.mktemp("cartpole")
@@ -60,7 +52,7 @@ def test_fit_stops_at_its_frame_budget_with_a_checkpoint_and_tensorboard_events(
     assert list(trained.glob("lightning_logs/version_*/events.out.tfevents.*"))
 
 
-def test_resume_continues_steps_frames_optimizer_and_lr_schedule(trained, tmp_path):
+def test_resume_continues_steps_frames_optimizer_and_lr_schedule(trained, tmp_path, kart):
     run_dir = tmp_path / "resumed"
     run_dir.mkdir()
     (run_dir / "checkpoints").symlink_to(trained / "checkpoints", target_is_directory=True)
@@ -91,14 +83,14 @@ def learning_rates(run_dir: Path) -> dict:
     return {scalar.step: scalar.value for scalar in accumulator.Scalars("learning_rate")}
 
 
-def test_test_subcommand_plays_held_out_episodes_from_a_checkpoint(trained):
+def test_test_subcommand_plays_held_out_episodes_from_a_checkpoint(trained, kart):
     result = kart("test", "--config", "configs/cartpole.yaml",
                   "--ckpt_path", str(trained / "checkpoints" / "last.ckpt"),
                   "--trainer.default_root_dir", str(trained), "--data.eval_episodes", "3")
     assert "test/episode_return" in result.stdout
 
 
-def test_an_incompatible_checkpoint_is_refused_in_one_sentence(trained):
+def test_an_incompatible_checkpoint_is_refused_in_one_sentence(trained, kart):
     result = kart("test", "--config", "configs/cartpole.yaml", "--model.hidden_size", "32",
                   "--ckpt_path", str(trained / "checkpoints" / "last.ckpt"), check=False)
     assert result.returncode == 2
@@ -120,7 +112,7 @@ def test_an_incompatible_checkpoint_is_refused_in_one_sentence(trained):
         (["--ckpt_path", "best"], "the best on the held-out tracks is best.ckpt"),
     ],
 )
-def test_bad_input_ends_in_one_sentence_and_exit_code_2(args, says):
+def test_bad_input_ends_in_one_sentence_and_exit_code_2(args, says, kart):
     result = kart("fit", "--config", "configs/cartpole.yaml", *args, check=False, timeout_s=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
@@ -128,7 +120,7 @@ def test_bad_input_ends_in_one_sentence_and_exit_code_2(args, says):
     assert last_line.startswith("kart_lightning: error:") and says in last_line
 
 
-def test_print_config_round_trips(tmp_path):
+def test_print_config_round_trips(tmp_path, kart):
     printed = kart("fit", "--config", "configs/cartpole.yaml", "--print_config").stdout
     (tmp_path / "printed.yaml").write_text(printed)
     again = kart("fit", "--config", str(tmp_path / "printed.yaml"), "--print_config").stdout
@@ -175,7 +167,7 @@ def test_ctrl_c_stops_fit_saves_last_and_leaves_no_actor_process(tmp_path):
     assert 0 <= int(last["state_dict"]["env_frames"]) - last["global_step"] * FRAMES_PER_STEP <= FRAMES_PER_STEP
 
 
-def test_fit_with_no_config_runs_the_quickstart_settings():
+def test_fit_with_no_config_runs_the_quickstart_settings(kart):
     default = kart("fit", "--print_config").stdout
     quickstart = kart("fit", "--config", "configs/quickstart.yaml", "--print_config").stdout
     assert default == quickstart
@@ -186,7 +178,7 @@ LIBRARY_NOISE = re.compile(r"(?i)warning|deprecat|tip:|args parameter|A\.L\.E:|P
 
 
 @pytest.mark.parametrize("config", ["configs/cartpole.yaml", "configs/atari.yaml"])
-def test_help_and_a_short_fit_print_no_library_warnings_or_notices(config, tmp_path):
+def test_help_and_a_short_fit_print_no_library_warnings_or_notices(config, tmp_path, kart):
     help_text = kart("fit", "--config", config, "--help")
     assert LIBRARY_NOISE.findall(help_text.stderr) == []
     run = kart("fit", "--config", config, "--model.max_frames", "2560", "--data.batch_size", "2",
@@ -196,3 +188,19 @@ def test_help_and_a_short_fit_print_no_library_warnings_or_notices(config, tmp_p
     # The model summary lists what the run has: the policy, no metric of another game.
     summary_rows = [line for line in run.stdout.splitlines() + run.stderr.splitlines() if line.startswith("0 |")]
     assert len(summary_rows) == 1 and "policy" in summary_rows[0]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_an_earlier_version_is_tested_and_resumed(tmp_path, kart):
+    """tests/data holds a CartPole checkpoint of 100 learner steps written by commit 21fcd2a (its
+    env settings under `mario_kart`-era keys, its callbacks' states under other names)."""
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(gzip.decompress((REPO / "tests" / "data" / "cartpole-21fcd2a.ckpt.gz").read_bytes()))
+    tested = kart("test", "--config", "configs/cartpole.yaml", "--ckpt_path", str(checkpoint),
+                  "--trainer.default_root_dir", str(tmp_path), "--data.eval_episodes", "2")
+    assert "CartPole-v1" in tested.stdout and "Traceback" not in tested.stderr
+    kart("fit", *cartpole_args(tmp_path, 110 * FRAMES_PER_STEP), "--ckpt_path", str(checkpoint))
+    resumed = load(checkpoint)
+    assert resumed["global_step"] == 110
+    assert int(resumed["state_dict"]["env_frames"]) == 110 * FRAMES_PER_STEP

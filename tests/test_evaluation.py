@@ -28,17 +28,9 @@ CARTPOLE = EnvConfig(id="CartPole-v1")
 STEPS = 60
 
 
-def kart(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "kart_lightning", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout_s, check=False,
-    )
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stderr[-3000:]}"
-    return result
-
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
+def run_dir(tmp_path_factory, kart) -> Path:
     """A short CartPole fit: STEPS learner steps, checkpoints and exported policies."""
     run_dir = tmp_path_factory.mktemp("cartpole")
     kart("fit", "--config", "configs/cartpole.yaml", "--model.max_frames", str(STEPS * 320),
@@ -50,7 +42,7 @@ def run_dir(tmp_path_factory) -> Path:
 # test
 
 
-def test_test_prints_a_table_and_writes_json_beside_the_checkpoint(run_dir):
+def test_test_prints_a_table_and_writes_json_beside_the_checkpoint(run_dir, kart):
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     result = kart("test", "--config", "configs/cartpole.yaml", "--ckpt_path", str(checkpoint),
                   "--data.eval_episodes", "3", "--data.eval_seed", "7", "--data.eval_greedy", "false",
@@ -123,7 +115,7 @@ class LastSavedBeforeAnyScore(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step + 1 and not self.evaluation.replies:
             last = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
-            self.seen = torch.load(last, weights_only=False)["global_step"] if last.is_file() else "missing"
+            self.seen = torch.load(last, weights_only=True)["global_step"] if last.is_file() else "missing"
 
 
 def test_evaluation_runs_in_its_own_process_while_training_goes_on_and_keeps_the_best_checkpoint(tmp_path):
@@ -149,7 +141,7 @@ def test_evaluation_runs_in_its_own_process_while_training_goes_on_and_keeps_the
     scores = {reply["step"]: np.mean([episode["return"] for episode in reply["results"]]) for reply in evaluation.replies}
     best_step = max(scores, key=lambda step: (scores[step], -step))
     assert evaluation.best_score == pytest.approx(scores[best_step]) and evaluation.best_step == best_step
-    kept = torch.load(folder / "best.ckpt", weights_only=False)
+    kept = torch.load(folder / "best.ckpt", weights_only=True)
     assert kept["global_step"] == best_step
     assert sorted(path.name for path in folder.iterdir()) == ["best.ckpt", "best.policy.pt", "last.ckpt", "last.policy.pt"]
     policy = torch.jit.load(policy_path(folder / "best.ckpt"), _extra_files=(extra := {"kart_lightning.json": ""}))
@@ -159,7 +151,7 @@ def test_evaluation_runs_in_its_own_process_while_training_goes_on_and_keeps_the
     # last.ckpt from the first interval on, without waiting for a score; and at the last step,
     # with the best score so far, for a resumed run to compare with.
     assert early_last.seen == 10
-    last = torch.load(folder / "last.ckpt", weights_only=False)
+    last = torch.load(folder / "last.ckpt", weights_only=True)
     assert last["global_step"] == 300
     saved_best = last["callbacks"]["StepWatch"]
     assert saved_best["best_step"] in scores and saved_best["best_score"] == pytest.approx(scores[saved_best["best_step"]])

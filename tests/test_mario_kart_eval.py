@@ -31,7 +31,7 @@ def run_dir(kart: Callable, rom_cache: Path, tmp_path_factory: pytest.TempPathFa
 
 
 def test_a_short_fit_stops_at_its_frame_budget_with_a_checkpoint_and_events(run_dir: Path) -> None:
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 2
     assert int(checkpoint["state_dict"]["env_frames"]) == FIT_FRAMES
     assert list(run_dir.glob("lightning_logs/version_*/events.out.tfevents.*"))

@@ -61,18 +61,17 @@ class EnvConfig:
 def env_config_from_dict(value: "EnvConfig | Mapping[str, Any]") -> EnvConfig:
     """An EnvConfig from its dict form (as a checkpoint's datamodule hyperparameters hold it).
 
-    Older checkpoints kept the game family's settings under a key of their own rather than
-    `options`: such a nested mapping becomes `options`."""
+    Older checkpoints kept a game family's settings under a key of their own rather than
+    `options` (every env had one): for a family that takes options, that nested mapping becomes
+    `options`; for the others it is dropped."""
     if isinstance(value, EnvConfig):
         return value
     known = {option.name for option in fields(EnvConfig)}
     values = {key: item for key, item in dict(value).items() if key in known}
-    for key, item in dict(value).items():
-        if key not in known and not values.get("options"):
-            if is_dataclass(item):
-                values["options"] = asdict(item)
-            elif isinstance(item, Mapping):
-                values["options"] = dict(item)
+    if not values.get("options") and find_family(values["id"]).options is not None:
+        for key, item in dict(value).items():
+            if key not in known and (is_dataclass(item) or isinstance(item, Mapping)):
+                values["options"] = asdict(item) if is_dataclass(item) else dict(item)
     return EnvConfig(**values)
 
 

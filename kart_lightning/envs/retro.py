@@ -42,22 +42,39 @@ def require_rom_imported(env_id: str) -> None:
 def open_emulator(config: EnvConfig, env_index: int, actions: stable_retro.Actions) -> gymnasium.Env:
     """The bare stable-retro env of `config`, at its state for env `env_index`; with several
     states, each episode starts from the next (RotateStates)."""
-    env = stable_retro.make(
-        config.id,
-        state=_retro_state(config, env_index),
-        inttype=INTEGRATIONS,
-        render_mode=config.render_mode,
-        use_restricted_actions=actions,
-    )
+    state = _retro_state(config, env_index)
+    try:
+        env = stable_retro.make(
+            config.id, state=state, inttype=INTEGRATIONS, render_mode=config.render_mode,
+            use_restricted_actions=actions,
+        )
+    except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError
+        raise _not_a_state(state, error) from None
     count = len(retro_state_names(config))
-    if count < 2:
-        return env
     states = []
     for index in range(count):
         # load_state reads and decompresses a state file into initial_state, as make did.
-        env.unwrapped.load_state(_retro_state(config, index), INTEGRATIONS)
+        state = _retro_state(config, index)
+        try:
+            env.unwrapped.load_state(state, INTEGRATIONS)
+        except (OSError, EOFError) as error:
+            env.close()
+            raise _not_a_state(state, error) from None
+        # The emulator refuses a state of another core or game; stable-retro ignores that.
+        if not env.unwrapped.em.set_state(env.unwrapped.initial_state):
+            env.close()
+            raise _not_a_state(state, "the emulator refuses it")
         states.append(env.unwrapped.initial_state)
+    if count < 2:
+        return env
     return RotateStates(env, states, first=env_index)
+
+
+def _not_a_state(state: object, why: object) -> EnvConfigError:
+    return EnvConfigError(
+        f"{state} is not a state of this game ({why}): pass a .state file that stable-retro saved "
+        "for it, or a state name."
+    )
 
 
 def retro_state_names(config: EnvConfig) -> list[str]:
