@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 
-from kart_lightning.envs import EnvConfig, find_family
+from kart_lightning.envs import EnvConfig, find_family, registered_families
 from kart_lightning.errors import ConfigError
 from kart_lightning.models import ActorCritic
 
@@ -97,6 +97,15 @@ def remove_checkpoint(path: Path) -> None:
     policy_path(path).unlink(missing_ok=True)
 
 
+def allow_config_types() -> None:
+    """Let torch.load(weights_only=True), ours and Lightning's, read the config dataclasses that
+    checkpoints saved from Python hold among their hyperparameters (EnvConfig and the game
+    families' options): they are plain data. Nothing else beyond tensors and plain types."""
+    torch.serialization.add_safe_globals(
+        [EnvConfig, *(family.options for family in registered_families() if family.options is not None)]
+    )
+
+
 def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """The checkpoint at `path`, read with torch.load(weights_only=True): tensors and plain Python
     types only, so nothing in the file runs. ConfigError, in one sentence naming the fix, for a
@@ -114,6 +123,7 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
             f"{path} is an exported TorchScript policy, not a checkpoint: pass the .ckpt file beside it "
             f"({path.name.removesuffix('.policy.pt')}.ckpt)."
         )
+    allow_config_types()
     try:
         # mmap: only the small pickled part is read, not the weights and optimizer state.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

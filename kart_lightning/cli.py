@@ -16,7 +16,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from kart_lightning.callbacks import EpisodeRecorder, HeldOutEvaluation
-from kart_lightning.checkpointing import ARCHITECTURE_KEYS, CheckpointFiles, read_checkpoint
+from kart_lightning.checkpointing import (
+    ARCHITECTURE_KEYS,
+    CheckpointFiles,
+    allow_config_types,
+    read_checkpoint,
+)
 from kart_lightning.console import quiet_library_notices
 from kart_lightning.data import ActorFailed, ImpalaDataModule, WeightPublisher
 from kart_lightning.envs import env_config_from_dict
@@ -234,6 +239,8 @@ def build_cli(args: list[str] | None, run: bool = True, prog: str = "python -m k
 def main(args: list[str] | None = None) -> None:
     """The command line, from `args` or else sys.argv."""
     quiet_library_notices()
+    # Lightning's own checkpoint loads (fit --ckpt_path, test) take the same few types as ours.
+    allow_config_types()
     argv = sys.argv[1:] if args is None else args
     try:
         if argv[:1] == ["record"]:

@@ -88,7 +88,7 @@ CASES = [
     ("fit", ["--config", "{bad_yaml}"], "hidden_size"),
     ("fit", ["--config", "no/such.yaml"], "no/such.yaml"),
     ("fit", [*CARTPOLE, "--data.env.id", "NoSuchGame-v9"], "Unknown env id 'NoSuchGame-v9'"),
-    ("fit", [*CARTPOLE, "--data.env.options", "{bonus: 1}"], "take no options"),
+    ("fit", [*CARTPOLE, "--data.env.options", "{{bonus: 1}}"], "take no options"),
     ("fit", [*AIRSTRIKER, "--data.envs_per_actor", "2"], "set data.envs_per_actor to 1"),
     ("fit", [*AIRSTRIKER, "--data.env.retro_state", "NoSuchLevel"], "Unknown state 'NoSuchLevel'"),
     ("fit", [*AIRSTRIKER, "--data.env.retro_state", "{not_gzip_state}"], "is not a state of this game"),
@@ -198,7 +198,7 @@ def test_the_state_maker_refuses_an_unknown_track_or_driver(args, says, rom_cach
 @pytest.mark.needs_rom
 @pytest.mark.parametrize("state, says", [
     ("MarioCircuit.Act9", "Unknown Super Mario Kart state 'MarioCircuit.Act9'"),
-    ("MarioCircuit.Act1.Wario", "Unknown Super Mario Kart driver 'Wario'"),
+    ("MarioCircuit.Act1.Wario", "Unknown Super Mario Kart state 'MarioCircuit.Act1.Wario'"),
     ("{gzip_state}", "is not a state of this game"),
 ])
 def test_fit_refuses_an_unknown_track_driver_or_state_file(state, says, files, rom_cache, kart):

@@ -14,6 +14,7 @@ from kart_lightning.envs.registry import (
     family_options,
     find_family,
     register_env_family,
+    registered_families,
 )
 from kart_lightning.envs.retro import retro_state_names
 
@@ -28,5 +29,6 @@ __all__ = [
     "find_family",
     "make_env",
     "register_env_family",
+    "registered_families",
     "retro_state_names",
 ]

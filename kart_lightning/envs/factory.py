@@ -19,7 +19,7 @@ from gymnasium.wrappers import (
     TimeLimit,
 )
 
-from kart_lightning.envs.registry import find_family
+from kart_lightning.envs.registry import family_options, find_family
 from kart_lightning.envs.wrappers import ChannelsFirst, ResizeFrame
 
 
@@ -65,7 +65,8 @@ def env_config_from_dict(value: "EnvConfig | Mapping[str, Any]") -> EnvConfig:
     `options` (every env had one): for a family that takes options, that nested mapping becomes
     `options`; for the others it is dropped."""
     if isinstance(value, EnvConfig):
-        return value
+        # One unpickled from an older checkpoint may hold other fields than this version's.
+        value = vars(value)
     known = {option.name for option in fields(EnvConfig)}
     values = {key: item for key, item in dict(value).items() if key in known}
     if not values.get("options") and find_family(values["id"]).options is not None:
@@ -83,7 +84,9 @@ def make_env(config: EnvConfig, seed: int = 0, env_index: int = 0) -> gymnasium.
     seeded, so the plain `reset()` calls that follow are reproducible from `seed`. `env_index`, the
     env's number among all the run's envs, picks its first state when `config.retro_state` is a list.
     """
-    env = find_family(config.id).make(config, env_index)
+    family = find_family(config.id)
+    family_options(family, config.options)  # refuses settings the family does not take
+    env = family.make(config, env_index)
     env.action_space.seed(seed)
     env.reset(seed=seed)
     return env
