@@ -14,6 +14,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# Every test here runs the command line in a subprocess (seconds each) or trains.
+pytestmark = pytest.mark.slow
 # T=20, B=16 from configs/cartpole.yaml: 320 env frames per learner step.
 FRAMES_PER_STEP = 320
 
@@ -190,7 +192,6 @@ def test_help_and_a_short_fit_print_no_library_warnings_or_notices(config, tmp_p
     assert len(summary_rows) == 1 and "policy" in summary_rows[0]
 
 
-@pytest.mark.slow
 def test_a_checkpoint_of_an_earlier_version_is_tested_and_resumed(tmp_path, kart):
     """tests/data holds a CartPole checkpoint of 100 learner steps written by commit 21fcd2a (its
     env settings under `mario_kart`-era keys, its callbacks' states under other names)."""

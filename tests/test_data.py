@@ -75,6 +75,7 @@ def test_shared_weights_reach_a_module_and_carry_their_version(policy):
         assert torch.equal(tensor, policy.state_dict()[name])
 
 
+@pytest.mark.slow
 @INFERENCE_MODES
 def test_behaviour_logits_are_what_the_policy_gives_on_the_stored_trajectory(policy, inference):
     pool = make_pool(policy, num_actors=2, envs_per_actor=2, unroll_length=6, batch_size=3, inference=inference)
@@ -91,6 +92,7 @@ def test_behaviour_logits_are_what_the_policy_gives_on_the_stored_trajectory(pol
     assert bool((batch["prev_action"][1:] == batch["action"][:-1]).all())
 
 
+@pytest.mark.slow
 @INFERENCE_MODES
 def test_consecutive_unrolls_of_an_env_overlap_by_one_step(policy, inference):
     pool = make_pool(policy, unroll_length=4, batch_size=1, inference=inference)
@@ -105,6 +107,7 @@ def test_consecutive_unrolls_of_an_env_overlap_by_one_step(policy, inference):
     assert first["env_frames"] == 4
 
 
+@pytest.mark.slow
 def test_no_actor_process_survives_close(policy):
     pool = make_pool(policy, num_actors=2)
     pids = [p.pid for p in pool.processes]
@@ -120,6 +123,7 @@ class FailingModule(ImpalaModule):
         return super().training_step(batch, batch_idx)
 
 
+@pytest.mark.slow
 def test_no_actor_process_survives_an_exception_during_fit(tmp_path):
     data = ImpalaDataModule(env=CARTPOLE, num_actors=2, unroll_length=5, batch_size=2)
     model = FailingModule(obs_shape=data.obs_shape, num_actions=data.num_actions, torso="mlp", hidden_size=16)
@@ -166,6 +170,7 @@ def test_slot_board_gives_the_learner_the_oldest_full_slots_and_recycles_a_dead_
     assert board.count(FREE) == 4
 
 
+@pytest.mark.slow
 @INFERENCE_MODES
 def test_a_killed_actor_is_replaced_and_batches_keep_coming(policy, inference):
     pool = make_pool(policy, num_actors=2, unroll_length=4, batch_size=2, inference=inference)
@@ -270,6 +275,7 @@ def first_unroll_of_each_actor(policy, env: EnvConfig, seed: int) -> dict:
     return first_unrolls
 
 
+@pytest.mark.slow
 def test_actors_on_one_deterministic_game_sample_their_own_actions_reproducibly_from_the_seed():
     # Airstriker starts from one savestate whatever the env seed: the same first frames for both.
     env = EnvConfig(id="Airstriker-Genesis-v0")
@@ -282,6 +288,7 @@ def test_actors_on_one_deterministic_game_sample_their_own_actions_reproducibly_
         assert torch.equal(first[actor]["action"], again[actor]["action"]), "the run seed fixes each stream"
 
 
+@pytest.mark.slow
 def test_a_time_limit_cut_carries_the_value_of_its_last_observation_and_a_terminal_does_not(policy):
     pool = make_pool(policy, unroll_length=50, batch_size=1, env=EnvConfig(id="CartPole-v1", max_episode_steps=20))
     ends = []

@@ -42,6 +42,7 @@ def run_dir(tmp_path_factory, kart) -> Path:
 # test
 
 
+@pytest.mark.slow
 def test_test_prints_a_table_and_writes_json_beside_the_checkpoint(run_dir, kart):
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     result = kart("test", "--config", "configs/cartpole.yaml", "--ckpt_path", str(checkpoint),
@@ -118,6 +119,7 @@ class LastSavedBeforeAnyScore(Callback):
             self.seen = torch.load(last, weights_only=True)["global_step"] if last.is_file() else "missing"
 
 
+@pytest.mark.slow
 def test_evaluation_runs_in_its_own_process_while_training_goes_on_and_keeps_the_best_checkpoint(tmp_path):
     data = ImpalaDataModule(env=CARTPOLE, num_actors=1, unroll_length=5, batch_size=2, eval_episodes=20)
     model = ImpalaModule(obs_shape=data.obs_shape, num_actions=data.num_actions, torso="mlp", hidden_size=16)
@@ -198,6 +200,7 @@ def test_record_writes_a_full_resolution_gif_of_an_atari_episode(tmp_path):
     assert "png" not in result, "no map outside races"
 
 
+@pytest.mark.slow
 def test_record_command_refuses_a_missing_checkpoint_in_one_line():
     result = subprocess.run([sys.executable, "-m", "kart_lightning", "record", "--ckpt_path", "missing.ckpt"],
                             cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
@@ -221,6 +224,7 @@ torch.save({"action": action, "logits": logits, "metadata": json.loads(extra["ka
 """
 
 
+@pytest.mark.slow
 def test_exported_policy_runs_in_a_fresh_interpreter_without_the_project_and_acts_like_the_module(run_dir, tmp_path):
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     exported = policy_path(checkpoint)
@@ -244,6 +248,7 @@ def test_exported_policy_runs_in_a_fresh_interpreter_without_the_project_and_act
     assert out["metadata"]["learner_step"] == STEPS and out["metadata"]["env"]["id"] == "CartPole-v1"
 
 
+@pytest.mark.slow
 def test_recorder_writes_a_gif_under_the_run_folder_and_logs_it_to_tensorboard(tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -268,6 +273,7 @@ def test_recorder_writes_a_gif_under_the_run_folder_and_logs_it_to_tensorboard(t
     assert [image.step for image in events.Images("record/gif")] == [2, 4]
 
 
+@pytest.mark.slow
 def test_no_worker_outlives_a_learner_killed_in_the_middle_of_an_evaluation(tmp_path):
     import signal
     import time
