@@ -3,6 +3,7 @@ and summed up by the generic core, its episode extra stats included."""
 
 import re
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,3 +116,25 @@ def test_no_file_outside_the_game_folder_names_the_game():
         cwd=REPO, capture_output=True, text=True, check=False,
     ).stdout.split()
     assert [path for path in found if not path.startswith("kart_lightning/envs/mario_kart/")] == []
+
+
+README_FAMILY_CHECK = r"""
+import re, sys
+readme = open("README.md").read()
+section = readme[readme.index("### A new game family"):]
+exec(re.search(r"```python\n(.*?)```", section, re.S).group(1), {"__name__": "mario_bros"})
+from kart_lightning.envs import EnvConfig, EnvConfigError, find_family, make_env
+family = find_family("SuperMarioBros-Nes-v0")
+assert family.name == "Super Mario Bros." and list(family.extra_stats) == ["distance"], family
+try:
+    make_env(EnvConfig(id="SuperMarioBros-Nes-v0", options={"distance_reward": 0.02}))
+except EnvConfigError as error:
+    print(error)
+"""
+
+
+def test_the_readmes_new_game_family_registers_and_asks_for_its_rom():
+    result = subprocess.run([sys.executable, "-c", README_FAMILY_CHECK], cwd=REPO, capture_output=True,
+                            text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "The ROM for 'SuperMarioBros-Nes-v0' is not imported" in result.stdout
