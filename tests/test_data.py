@@ -80,9 +80,7 @@ def test_shared_weights_reach_a_module_and_carry_their_version(policy):
 def test_behaviour_logits_are_what_the_policy_gives_on_the_stored_trajectory(policy, inference):
     pool = make_pool(policy, num_actors=2, envs_per_actor=2, unroll_length=6, batch_size=3, inference=inference)
     try:
-        slots = pool.take_batch_slots(timeout_s=120)
-        batch = stack_slots(pool.buffers, slots)
-        pool.release(slots)
+        batch = pool.take_batch(timeout_s=120)
     finally:
         pool.close()
     with torch.no_grad():
@@ -266,10 +264,10 @@ def first_unroll_of_each_actor(policy, env: EnvConfig, seed: int) -> dict:
     first_unrolls = {}
     try:
         while len(first_unrolls) < 2:
+            # Actor i owns a fixed range of slots: which one filled this batch's slot tells the actor.
             slots = pool.take_batch_slots(timeout_s=120)
-            batch = stack_slots(pool.buffers, slots)
+            first_unrolls.setdefault(slots[0] // pool.board.slots_per_actor, stack_slots(pool.buffers, slots))
             pool.release(slots)
-            first_unrolls.setdefault(slots[0] // pool.board.slots_per_actor, batch)
     finally:
         pool.close()
     return first_unrolls
@@ -294,9 +292,7 @@ def test_a_time_limit_cut_carries_the_value_of_its_last_observation_and_a_termin
     ends = []
     try:
         while sum(length == 20 for length, _ in ends) < 3 or sum(length < 20 for length, _ in ends) < 3:
-            slots = pool.take_batch_slots(timeout_s=120)
-            batch = stack_slots(pool.buffers, slots)
-            pool.release(slots)
+            batch = pool.take_batch(timeout_s=120)
             rows = batch["done"][1:, 0].nonzero().flatten() + 1
             ends += [(int(batch["episode_length"][row, 0]), float(batch["truncation_value"][row, 0])) for row in rows]
     finally:

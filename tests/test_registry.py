@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from kart_lightning.data import ActorPool
-from kart_lightning.data.rollout import stack_slots
 from kart_lightning.envs import (
     EnvConfig,
     EnvConfigError,
@@ -85,9 +84,7 @@ def test_actors_write_its_extra_stats_where_episodes_end():
         extra_stats=tuple(TILT.extra_stats),
     )
     try:
-        slots = pool.take_batch_slots(timeout_s=120)
-        batch = stack_slots(pool.buffers, slots)
-        pool.release(slots)
+        batch = pool.take_batch(timeout_s=120)
     finally:
         pool.close()
     ended = ~torch.isnan(batch["episode_return"])

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from kart_lightning.data.pool import ActorPool
-from kart_lightning.data.rollout import empty_batch, stack_slots
+from kart_lightning.data.rollout import empty_batch
 from kart_lightning.envs import EnvConfig
 from kart_lightning.evaluation import held_out_envs, play_tracks
 
@@ -46,9 +46,7 @@ class TrajectoryDataset(IterableDataset):
             for _ in range(self.PINNED_BATCHES if self.pin_memory else 0)
         ]
         for step in itertools.count():
-            slots = self.pool.take_batch_slots(self.timeout_s)
-            batch = stack_slots(self.pool.buffers, slots, out=pinned[step % len(pinned)] if pinned else None)
-            self.pool.release(slots)
+            batch = self.pool.take_batch(self.timeout_s, out=pinned[step % len(pinned)] if pinned else None)
             batch["env_frames"] = self.env_frames_per_batch
             batch["pool_stats"] = self.pool.stats()
             yield batch

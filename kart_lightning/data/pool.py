@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from kart_lightning.data.actor import ActorCounters, ActorSpec, LearnerLink, run_actor
 from kart_lightning.data.inference import InferenceServer
-from kart_lightning.data.rollout import create_buffers, rollout_spec
+from kart_lightning.data.rollout import create_buffers, rollout_spec, stack_slots
 from kart_lightning.data.slots import FILLING, FULL, SlotBoard, default_slots_per_env
 from kart_lightning.data.weights import SharedWeights
 from kart_lightning.envs import EnvConfig
@@ -162,6 +162,15 @@ class ActorPool:
 
     def release(self, slots: list[int]) -> None:
         self.board.release(slots)
+
+    def take_batch(self, timeout_s: float, out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The next learner batch, [T+1, B, ...] per field (see stack_slots; written into `out` if
+        given): B full slots, copied out and handed back to the actors."""
+        slots = self.take_batch_slots(timeout_s)
+        try:
+            return stack_slots(self.buffers, slots, out=out)
+        finally:
+            self.release(slots)
 
     def restart_dead_actors(self) -> None:
         """Restart every actor process that has exited, recycling its half-written slots."""
