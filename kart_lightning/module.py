@@ -80,7 +80,8 @@ class ImpalaModule(LightningModule):
             adam_eps: Adam epsilon.
             lr_decay: Decay the learning rate linearly to zero over max_frames.
             max_frames: Env frames (agent steps × frame skip) after which fit stops, across resumes.
-            return_window: Episodes averaged in the reported mean return and length.
+            return_window: Episodes averaged in the logged means of the return, the length and the
+                env's episode extra stats.
         """
         if obs_shape is None:
             obs_shape = [4, 84, 84]
