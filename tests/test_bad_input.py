@@ -98,6 +98,9 @@ CASES = [
      "slots_per_env=2"),
     ("fit", [*CARTPOLE, "--checkpoint.dirpath", "{not_a_folder}/checkpoints"], "choose a writable folder"),
     ("fit", [*CARTPOLE, "--weights_only", "false"], "weights_only=True only"),
+    ("fit", [*CARTPOLE, "--checkpoint.monitor", "val/episode_return"], "with evaluation.monitor val/episode_return"),
+    ("fit", [*CARTPOLE, "--evaluation.monitor", "train/loss"], "evaluation.monitor is train/loss"),
+    ("fit", [*CARTPOLE, "--ckpt_path", "best"], "the best on the held-out tracks is best.ckpt"),
     # fit and test: files that are not our checkpoints
     ("fit", [*CARTPOLE, "--ckpt_path", "no/such.ckpt"], "checkpoint no/such.ckpt does not exist"),
     ("fit", [*CARTPOLE, "--ckpt_path", "{crafted}"], "holds a posix.system, which kart_lightning never loads"),

@@ -99,7 +99,6 @@ class ActorPool:
             )
             for index in range(num_actors)
         ]
-        self.restarts = 0
         self.actor_restarts = [0] * num_actors
         self.failures = [0] * num_actors
         self.unrolls_at_start = [0] * num_actors
@@ -160,6 +159,11 @@ class ActorPool:
                 )
             time.sleep(LEARNER_POLL_S)
 
+    @property
+    def restarts(self) -> int:
+        """Actor restarts so far, all actors together."""
+        return sum(self.actor_restarts)
+
     def release(self, slots: list[int]) -> None:
         self.board.release(slots)
 
@@ -190,7 +194,6 @@ class ActorPool:
                     f"{self.last_errors.get(index, 'none reported (killed by a signal?)')}"
                 )
             recycled = self.board.recycle(index)
-            self.restarts += 1
             self.actor_restarts[index] += 1
             self.specs[index] = dataclasses.replace(
                 self.specs[index], action_seed=action_seed(self.seed, index, self.actor_restarts[index])
