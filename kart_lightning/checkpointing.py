@@ -12,6 +12,7 @@ The policy file needs only torch to run:
 """
 
 import dataclasses
+import errno
 import json
 import os
 import pickle
@@ -28,13 +29,15 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 
 from kart_lightning.envs import EnvConfig, find_family, registered_families
-from kart_lightning.errors import ConfigError
+from kart_lightning.errors import ConfigError, SaveFailed
 from kart_lightning.models import ActorCritic
 
 METADATA_FILE = "kart_lightning.json"
 """The policy file's metadata, read with torch.jit.load(path, _extra_files={METADATA_FILE: ""})."""
 ARCHITECTURE_KEYS = ("obs_shape", "num_actions", "torso", "hidden_size", "use_lstm", "lstm_size")
 """The model hyperparameters that build the policy (ActorCritic's arguments)."""
+TEMPORARY_PREFIX, TEMPORARY_SUFFIX = ".", ".tmp"
+"""`write_atomically` writes `NAME` as `.NAME.PID.tmp` first."""
 POLICY_INPUTS = (
     "act(obs [B, *obs_shape], prev_action [B] int64, reward [B] float32, done [B] bool, "
     "core_state (h, c), greedy bool) -> (action [B], logits [B, A], value [B], core_state)"
@@ -69,17 +72,69 @@ def policy_metadata(checkpoint: dict[str, Any], obs_dtype: str, env: EnvConfig |
 def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Call `write` on a temporary file in `path`'s folder, then rename it to `path`: a process
     killed mid-write (or a write that fails) leaves the previous file whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = path.with_name(f"{TEMPORARY_PREFIX}{path.name}.{os.getpid()}{TEMPORARY_SUFFIX}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(temporary, "wb") as file:
             write(file)
             file.flush()
             # On disk before the rename, so that a machine that goes down keeps one whole file.
             os.fsync(file.fileno())
         os.replace(temporary, path)
+    except Exception as error:
+        cause = _os_error(error)
+        if cause is None or cause.errno not in SAVE_FIXES:
+            raise
+        kept = f"{path.name} there is unchanged" if path.is_file() else f"no {path.name} was written"
+        raise SaveFailed(
+            f"cannot write {path} ({cause.strerror}): {SAVE_FIXES[cause.errno].format(folder=path.parent)}; {kept}."
+        ) from error
     finally:
         temporary.unlink(missing_ok=True)
+
+
+SAVE_FIXES = {
+    errno.ENOSPC: "free space in {folder} or choose another folder with --checkpoint.dirpath",
+    errno.EDQUOT: "free space in {folder} or choose another folder with --checkpoint.dirpath",
+    errno.EACCES: "choose a writable folder with --checkpoint.dirpath",
+    errno.EPERM: "choose a writable folder with --checkpoint.dirpath",
+    errno.EROFS: "choose a writable folder with --checkpoint.dirpath",
+}
+"""The write errors a user can fix (a full disk, a folder they may not write), and how."""
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The OSError behind `error`: itself, or what it was raised from or during (torch.save's
+    zip writer may fail again while closing the archive and report that instead)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files that `write_atomically` calls killed mid-write left in
+    `folder` (those of processes no longer running), and return them."""
+    removed = []
+    for candidate in Path(folder).glob(f"{TEMPORARY_PREFIX}*{TEMPORARY_SUFFIX}"):
+        pid = candidate.name.removesuffix(TEMPORARY_SUFFIX).rpartition(".")[2]
+        if pid.isdigit() and not _running(int(pid)):
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def move_checkpoint(source: Path, target: Path) -> None:
@@ -235,6 +290,10 @@ class CheckpointFiles(Callback):
         obs_dtype = str(getattr(data, "obs_dtype", "")).removeprefix("torch.")
         env = getattr(data, "env", None)
         trainer.strategy.checkpoint_io = PolicyCheckpointIO(self.export_policy, obs_dtype, env)
+        if trainer.is_global_zero:
+            for checkpoint in trainer.checkpoint_callbacks:
+                if checkpoint.dirpath and Path(checkpoint.dirpath).is_dir():
+                    remove_stale_temporaries(Path(checkpoint.dirpath))
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.save_last(trainer)

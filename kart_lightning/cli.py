@@ -25,7 +25,7 @@ from kart_lightning.checkpointing import (
 from kart_lightning.console import quiet_library_notices
 from kart_lightning.data import ActorFailed, ImpalaDataModule, WeightPublisher
 from kart_lightning.envs import env_config_from_dict
-from kart_lightning.errors import ConfigError
+from kart_lightning.errors import ConfigError, SaveFailed
 from kart_lightning.evaluation import held_out_envs
 from kart_lightning.module import ImpalaModule
 from kart_lightning.recording import RecordOptions, record_episode
@@ -252,6 +252,9 @@ def main(args: list[str] | None = None) -> None:
         fail(f"{' '.join(str(error).split())} (see `python -m kart_lightning SUBCOMMAND --help`).")
     except ConfigError as error:
         fail(str(error))
+    except SaveFailed as error:
+        # Not the user's input: the machine's disk (exit 1), said in one sentence.
+        fail(str(error), exit_code=1)
     except ActorFailed as error:
         # Not the user's mistake, but the actor's traceback says more than ours would.
         fail(str(error), exit_code=1)

@@ -2,11 +2,14 @@
 kart_lightning uses only Lightning's public API, with the order of LightningCLI's steps that
 the command line's checkpoint handling rests on."""
 
+import errno
 import importlib
 import inspect
 import json
+import os
 import pkgutil
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +18,18 @@ import pytest
 import torch
 from lightning.pytorch.cli import LightningCLI
 
-from kart_lightning.checkpointing import METADATA_FILE, PolicyCheckpointIO, policy_metadata, policy_path
+from kart_lightning.checkpointing import (
+    METADATA_FILE,
+    PolicyCheckpointIO,
+    policy_metadata,
+    policy_path,
+    remove_stale_temporaries,
+    write_atomically,
+)
 from kart_lightning.cli import TRAINER_DEFAULTS, ImpalaCLI
 from kart_lightning.data.datamodule import ImpalaDataModule
 from kart_lightning.envs import EnvConfig
+from kart_lightning.errors import SaveFailed
 from kart_lightning.module import ImpalaModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,6 +106,58 @@ def test_a_write_that_fails_leaves_the_previous_checkpoint_whole_and_no_temporar
         io.save_checkpoint(broken, path)
     assert torch.load(path, weights_only=True)["global_step"] == 7
     assert [file.name for file in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_a_full_disk_is_one_sentence_and_leaves_the_previous_checkpoint_whole(tmp_path):
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(b"old")
+
+    def fill(file):
+        file.write(b"new")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what write() says on a full disk
+
+    with pytest.raises(SaveFailed) as failure:
+        write_atomically(path, fill)
+    assert str(failure.value) == (
+        f"cannot write {path} (No space left on device): free space in {tmp_path} or choose another folder "
+        "with --checkpoint.dirpath; last.ckpt there is unchanged."
+    )
+    assert path.read_bytes() == b"old" and [file.name for file in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 256 KiB file system (tmpfs), mounted for the test: mounting needs root."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a small tmpfs is mounted to fill it, which needs root")
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)], check=True)
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_checkpoint_bigger_than_the_free_space_is_one_sentence_and_the_previous_one_stays(small_disk):
+    module = ImpalaModule(obs_shape=[4], num_actions=2, torso="mlp", hidden_size=16)
+    io = PolicyCheckpointIO(obs_dtype="float32", env=EnvConfig(id="CartPole-v1"))
+    path = small_disk / "last.ckpt"
+    io.save_checkpoint(checkpoint_of(module, step=7), path)
+    too_big = {**checkpoint_of(module, step=8), "filler": torch.zeros(100_000)}  # 400 kB
+    with pytest.raises(SaveFailed, match=r"\(No space left on device\): free space in .* last.ckpt there is unchanged"):
+        io.save_checkpoint(too_big, path)
+    assert torch.load(path, weights_only=True)["global_step"] == 7
+    assert sorted(file.name for file in small_disk.iterdir()) == ["last.ckpt", "last.policy.pt"]
+
+
+def test_temporary_files_of_killed_writers_are_removed_and_those_of_live_ones_kept(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".last.ckpt.{dead.pid}.tmp"
+    live = tmp_path / f".last.ckpt.{os.getpid()}.tmp"
+    for file in (stale, live, tmp_path / "last.ckpt"):
+        file.write_bytes(b"x")
+    assert remove_stale_temporaries(tmp_path) == [stale]
+    assert sorted(file.name for file in tmp_path.iterdir()) == sorted([live.name, "last.ckpt"])
 
 
 def test_the_policy_metadata_names_the_actions_where_the_env_family_does():
