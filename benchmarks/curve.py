@@ -1,0 +1,93 @@
+"""A learning curve from a run's TensorBoard events, as a PNG: an episode statistic on the training
+tracks (the running mean the module logs, `train/episode_KEY`) and on the held-out ones (the
+evaluation's `val/episode_KEY`), against env frames and against minutes of training.
+
+    python benchmarks/curve.py RUN_DIR [RUN_DIR ...] --key checkpoints --out docs/curve.png
+
+RUN_DIR is a run's folder (its `lightning_logs/version_*` are read, resumed parts joined in
+order); several draw one line each, labelled by folder name (or `--labels`).
+"""
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+
+def series(run: Path, tag: str) -> list[tuple[float, int, float]]:
+    """(wall time, step, value) of `tag` across every events file under `run`, by wall time."""
+    rows = []
+    for events in sorted(run.rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={SCALARS: 0})
+        accumulator.Reload()
+        if tag in accumulator.Tags()["scalars"]:
+            rows += [(event.wall_time, event.step, event.value) for event in accumulator.Scalars(tag)]
+    return sorted(rows)
+
+
+def training_minutes(frames: list[tuple[float, int, float]]) -> dict[int, float]:
+    """Minutes of training at each step, not counting the gaps between a stop and its resume."""
+    minutes, elapsed, previous = {}, 0.0, None
+    for wall_time, step, _ in frames:
+        if previous is not None and wall_time - previous < 300:
+            elapsed += wall_time - previous
+        previous = wall_time
+        minutes[step] = elapsed / 60
+    return minutes
+
+
+def at_steps(values: list[tuple[float, int, float]], by_step: dict[int, float]) -> tuple[list[float], list[float]]:
+    """The values whose step has an x in `by_step` (the nearest earlier logged step otherwise)."""
+    steps = sorted(by_step)
+    xs, ys = [], []
+    for _, step, value in values:
+        earlier = [s for s in steps if s <= step]
+        if earlier:
+            xs.append(by_step[earlier[-1]])
+            ys.append(value)
+    return xs, ys
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--key", default="checkpoints", help="episode statistic: return, checkpoints, laps, ...")
+    parser.add_argument("--labels", nargs="*")
+    parser.add_argument("--title", default="")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    labels = args.labels or [run.name for run in args.runs]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for run, label in zip(args.runs, labels):
+        frames = series(run, "env_frames")
+        if not frames:
+            raise SystemExit(f"{run} holds no TensorBoard events with env_frames: pass a run folder of fit.")
+        by_frames = {step: value / 1e6 for _, step, value in frames}
+        by_minutes = training_minutes(frames)
+        for tag, style, part in ((f"train/episode_{args.key}", "-", "training tracks"),
+                                 (f"val/episode_{args.key}", "o--", "held-out")):
+            values = series(run, tag)
+            if not values:
+                continue
+            for axis, x_of in zip(axes, (by_frames, by_minutes)):
+                xs, ys = at_steps(values, x_of)
+                axis.plot(xs, ys, style, label=f"{label}: {part}", markersize=4)
+    axes[0].set_xlabel("env frames (millions)")
+    axes[1].set_xlabel("minutes of training")
+    axes[0].set_ylabel(f"{args.key} per episode")
+    for axis in axes:
+        axis.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    figure.suptitle(args.title)
+    figure.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(args.out, dpi=100)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
