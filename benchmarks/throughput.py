@@ -283,7 +283,7 @@ def measure_learner_bound(
         # The trainer's precision context (autocast under mixed precision); 16-mixed loss scaling
         # is left out, it costs little next to the forward and backward passes.
         with precision.train_step_context():
-            loss = module.compute_loss(batch)["loss"]
+            loss = module.compute_loss(module.augment(batch))["loss"]
         loss.backward()
         precision.clip_gradients(optimizer, clip_val, clip_algorithm)
         optimizer.step()
@@ -294,7 +294,8 @@ def measure_learner_bound(
     hp = data.hparams
     steps_per_s = steps / window_s
     return {
-        "env_frames_per_s": steps_per_s * hp.unroll_length * hp.batch_size * data.env_frames_per_step,
+        # Env frames are fresh ones: with replay, part of each batch is replayed.
+        "env_frames_per_s": steps_per_s * hp.unroll_length * data.fresh_per_batch * data.env_frames_per_step,
         "learner_steps_per_s": steps_per_s,
         "learner_threads": torch.get_num_threads(),
         "window_s": window_s,
@@ -374,6 +375,7 @@ def summarize(cli_args: list[str], cli: ImpalaCLI, env_bound: dict, trainer: dic
         "envs_per_actor": hp.envs_per_actor,
         "unroll_length": hp.unroll_length,
         "batch_size": hp.batch_size,
+        "replay_ratio": cli.datamodule.replay.ratio,
         "env_frames_per_step": cli.datamodule.env_frames_per_step,
         "E": E,
         "L": L,

@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torchmetrics.aggregation import RunningMean
 
+from kart_lightning.errors import ConfigError
 from kart_lightning.evaluation import format_table, scalar_metrics, summarize
 from kart_lightning.losses import vtrace
 from kart_lightning.models import ActorCritic
+from kart_lightning.models.augmentation import random_shift
 
 
 def clip_rewards(rewards: torch.Tensor, mode: str) -> torch.Tensor:
@@ -57,6 +59,9 @@ class ImpalaModule(LightningModule):
         lr_decay: bool = True,
         max_frames: int = 10_000_000,
         return_window: int = 100,
+        augmentation: Literal["none", "random_shift"] = "none",
+        shift_pad: int = 4,
+        trust_region_kl: float | None = None,
     ) -> None:
         """
         Args:
@@ -82,11 +87,25 @@ class ImpalaModule(LightningModule):
             max_frames: Env frames (agent steps × frame skip) after which fit stops, across resumes.
             return_window: Episodes averaged in the logged means of the return, the length and the
                 env's episode extra stats.
+            augmentation: random_shift: the learner trains on frames shifted by up to `shift_pad`
+                pixels each way, a random shift per observation (RAD/DrAC); none: as they are.
+                Actors and evaluation always see the frames as they are.
+            shift_pad: The largest shift of random_shift, in pixels.
+            trust_region_kl: LASER's trust region (Schmitt et al. 2019): an unroll whose target
+                policy is further than this from the policy that acted (mean KL(π‖μ) per step) is
+                left out of the policy gradient. It applies to every unroll, as in LASER; fresh
+                ones are rarely that far, replayed ones often (with random_shift, π sees the
+                shifted frames and μ saw them unshifted). null: none left out.
         """
         if obs_shape is None:
             obs_shape = [4, 84, 84]
         super().__init__()
         self.save_hyperparameters()
+        if augmentation != "none" and len(obs_shape) != 3:
+            raise ConfigError(
+                f"model.augmentation {augmentation} shifts image observations, and the env gives {list(obs_shape)}: "
+                "set model.augmentation none."
+            )
         self.policy = torch.jit.script(
             ActorCritic(obs_shape, num_actions, torso, hidden_size, use_lstm, lstm_size)
         )
@@ -125,16 +144,25 @@ class ImpalaModule(LightningModule):
             clip_rho_threshold=hp.clip_rho_threshold,
             clip_pg_rho_threshold=hp.clip_pg_rho_threshold,
         )
-        # Sums over time and batch, as in the reference implementations the lr was tuned with.
-        policy_loss = -(returns.target_action_log_probs * returns.pg_advantages).sum()
-        baseline_loss = hp.baseline_cost * 0.5 * (returns.vs - values[:-1]).pow(2).sum()
         log_policy = F.log_softmax(logits[:-1], dim=-1)
+        policy_terms = returns.target_action_log_probs * returns.pg_advantages
+        extra = {}
+        if hp.trust_region_kl is not None:
+            behaviour = F.log_softmax(batch["behaviour_logits"][:-1], dim=-1)
+            kl = (log_policy.exp() * (log_policy - behaviour)).sum(-1).mean(0).detach()  # [B]
+            kept = (kl <= hp.trust_region_kl).float()
+            policy_terms = policy_terms * kept
+            extra["trust_region_kept"] = kept.mean()
+        # Sums over time and batch, as in the reference implementations the lr was tuned with.
+        policy_loss = -policy_terms.sum()
+        baseline_loss = hp.baseline_cost * 0.5 * (returns.vs - values[:-1]).pow(2).sum()
         entropy_loss = hp.entropy_cost * (log_policy.exp() * log_policy).sum()
         return {
             "loss": policy_loss + baseline_loss + entropy_loss,
             "policy_loss": policy_loss,
             "baseline_loss": baseline_loss,
             "entropy_loss": entropy_loss,
+            **extra,
         }
 
     def on_train_batch_start(self, batch, batch_idx: int) -> int | None:
@@ -144,10 +172,17 @@ class ImpalaModule(LightningModule):
         return None
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        losses = self.compute_loss(batch)
+        losses = self.compute_loss(self.augment(batch))
         self.env_frames += batch["env_frames"]
         self._log_training(batch, losses)
         return losses["loss"]
+
+    def augment(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch the loss sees: with model.augmentation random_shift and in training mode,
+        its observations shifted (see models.augmentation); otherwise `batch` itself."""
+        if self.hparams.augmentation == "none" or not self.training:
+            return batch
+        return {**batch, "obs": random_shift(batch["obs"], self.hparams.shift_pad)}
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.env_frames >= self.hparams.max_frames:
@@ -164,13 +199,19 @@ class ImpalaModule(LightningModule):
             self.log("frames_per_s", (f1 - f0) / max(t1 - t0, 1e-9), prog_bar=True, batch_size=batch_size)
         self.log("env_frames", float(env_frames), prog_bar=True, batch_size=batch_size)
         self.log("learning_rate", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
-        lag = self.global_step - batch["policy_version"].float().mean()
-        self.log("policy_lag", lag, batch_size=batch_size)
+        # Replayed unrolls were counted when they were fresh: statistics come from fresh ones only.
+        fresh = ~batch["replayed"] if "replayed" in batch else torch.ones(batch_size, dtype=torch.bool)
+        fresh = fresh.to(batch["reward"].device)
+        versions = batch["policy_version"].float()
+        self.log("policy_lag", self.global_step - versions[fresh].mean(), batch_size=batch_size)
+        if not fresh.all():
+            self.log("train/replay_lag", self.global_step - versions[~fresh].mean(), batch_size=batch_size)
+        self.log("train/replay_ratio_effective", float((~fresh).sum()) / float(fresh.sum()), batch_size=batch_size)
         for name, value in batch.get("pool_stats", {}).items():
             self.log(name, value, batch_size=batch_size)
 
         # Row 0 repeats the previous unroll's last row; count each finished episode once.
-        finished = batch["done"][1:] & ~torch.isnan(batch["episode_return"][1:])
+        finished = batch["done"][1:] & ~torch.isnan(batch["episode_return"][1:]) & fresh
         self.episodes += int(finished.sum())
         for name in [name for name in batch if name.startswith("episode_")]:
             values = batch[name][1:][finished]

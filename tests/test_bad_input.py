@@ -100,6 +100,11 @@ CASES = [
     ("fit", [*CARTPOLE, "--weights_only", "false"], "weights_only=True only"),
     ("fit", [*CARTPOLE, "--checkpoint.monitor", "val/episode_return"], "with evaluation.monitor val/episode_return"),
     ("fit", [*CARTPOLE, "--evaluation.monitor", "train/loss"], "evaluation.monitor is train/loss"),
+    ("fit", [*CARTPOLE, "--data.replay.ratio", "-1"], "data.replay.ratio is -1.0"),
+    ("fit", [*CARTPOLE, "--data.replay.ratio", "0.01"], "leaves no replayed unroll in a batch of 16"),
+    ("fit", [*CARTPOLE, "--data.replay.ratio", "1", "--data.replay.capacity", "0"],
+     "fewer than a batch of 16: raise data.replay.capacity"),
+    ("fit", [*CARTPOLE, "--model.augmentation", "random_shift"], "set model.augmentation none"),
     ("fit", [*CARTPOLE, "--ckpt_path", "best"], "the best on the held-out tracks is best.ckpt"),
     # fit and test: files that are not our checkpoints
     ("fit", [*CARTPOLE, "--ckpt_path", "no/such.ckpt"], "checkpoint no/such.ckpt does not exist"),

@@ -7,10 +7,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("inference", ["actor", "learner"])
-def test_cartpole_reaches_a_mean_return_of_400_within_600k_frames(kart: Callable, tmp_path, inference):
-    # configs/cartpole.yaml: seed 0, budget 600k env frames (a minute or two on 2 cores).
+@pytest.mark.parametrize(("inference", "replay_ratio"), [("actor", 0), ("learner", 0), ("actor", 1)])
+def test_cartpole_reaches_a_mean_return_of_400_within_600k_frames(kart: Callable, tmp_path, inference, replay_ratio):
+    # configs/cartpole.yaml: seed 0, budget 600k env frames (a minute or two on 2 cores). With
+    # replay, half of each batch is replayed and the budget counts fresh frames only.
     kart("fit", "--config", "configs/cartpole.yaml", "--data.inference", inference,
+         "--data.replay.ratio", str(replay_ratio),
          "--checkpoint.dirpath", str(tmp_path / "checkpoints"), "--trainer.default_root_dir", str(tmp_path),
          "--trainer.enable_progress_bar", "false", timeout_s=900)  # fmt: skip
     (events,) = tmp_path.glob("lightning_logs/version_*")
@@ -20,4 +22,7 @@ def test_cartpole_reaches_a_mean_return_of_400_within_600k_frames(kart: Callable
     returns = [scalar.value for scalar in accumulator.Scalars("train/episode_return")]
     frames = [scalar.value for scalar in accumulator.Scalars("env_frames")]
     assert frames[-1] >= 600_000
+    if replay_ratio:
+        ratios = [scalar.value for scalar in accumulator.Scalars("train/replay_ratio_effective")]
+        assert ratios[-1] == replay_ratio
     assert max(returns) >= 400, f"best mean return {max(returns):.1f}"

@@ -9,16 +9,19 @@ from typing import Literal
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from kart_lightning.data.dataset import EpisodeDataset, TrajectoryDataset
 from kart_lightning.data.pool import ActorPool
+from kart_lightning.data.replay import GIB, ReplayBuffer, ReplayConfig, split_batch
 from kart_lightning.data.slots import least_slots_per_env
 from kart_lightning.envs import EnvConfig, env_frames_per_step, find_family, make_env
 from kart_lightning.errors import ConfigError
 
 # The quickstart game: ships with stable-retro, so `fit` runs on a fresh machine with no ROM.
 QUICKSTART_ENV = EnvConfig()
+NO_REPLAY = ReplayConfig()
 
 
 class ImpalaDataModule(LightningDataModule):
@@ -35,6 +38,7 @@ class ImpalaDataModule(LightningDataModule):
         envs_per_actor: int = 1,
         unroll_length: int = 80,
         batch_size: int = 8,
+        replay: ReplayConfig = NO_REPLAY,
         slots_per_env: int | None = None,
         seed: int = 0,
         start_method: Literal["spawn", "forkserver", "fork"] = "spawn",
@@ -57,8 +61,9 @@ class ImpalaDataModule(LightningDataModule):
             envs_per_actor: Environments stepped by each actor process (one batched policy call per step).
             unroll_length: T, agent steps per trajectory; a slot holds T+1 (the last step is repeated
                 as the first of the next unroll).
-            batch_size: B, trajectories per learner batch.
-            slots_per_env: Shared-memory rollout slots per env; default 2 + ceil((batch_size - 1) / envs),
+            batch_size: B, trajectories per learner batch (fresh and, with replay, replayed ones).
+            replay: Experience replay in the learner (see ReplayConfig); off by default.
+            slots_per_env: Shared-memory rollout slots per env; default 2 + ceil((fresh - 1) / envs),
                 one more than the fewest that can never deadlock, so actors keep acting.
             seed: Base seed; env k of actor i is seeded seed + 10000 * i + k.
             start_method: How actor processes start; spawn is safe with threads and CUDA.
@@ -88,14 +93,26 @@ class ImpalaDataModule(LightningDataModule):
         self.hparams.env = dataclasses.asdict(env) if dataclasses.is_dataclass(env) else env
         if dataclasses.is_dataclass(eval_env):
             self.hparams.eval_env = dataclasses.asdict(eval_env)
+        if dataclasses.is_dataclass(replay):
+            self.hparams.replay = dataclasses.asdict(replay)
         for name in ("num_actors", "envs_per_actor", "unroll_length", "batch_size", "eval_episodes"):
             if getattr(self.hparams, name) < 1:
                 raise ConfigError(f"data.{name} is {getattr(self.hparams, name)}: set it to 1 or more.")
-        least = least_slots_per_env(num_actors * envs_per_actor, batch_size)
+        if isinstance(replay, Mapping):  # as checkpoints keep it
+            replay = ReplayConfig(**replay)
+        self.replay = replay
+        # The actors fill the fresh part of each batch; the replay buffer the rest.
+        self.fresh_per_batch, self.replayed_per_batch = split_batch(batch_size, replay.ratio)
+        if self.replayed_per_batch and replay.capacity_gib is None and replay.capacity < batch_size:
+            raise ConfigError(
+                f"data.replay.capacity keeps {replay.capacity} unrolls, fewer than a batch of {batch_size}: raise "
+                "data.replay.capacity."
+            )
+        least = least_slots_per_env(num_actors * envs_per_actor, self.fresh_per_batch)
         if slots_per_env is not None and slots_per_env < least:
             raise ConfigError(
                 f"data.slots_per_env={slots_per_env} is too few for {num_actors * envs_per_actor} envs to "
-                f"fill a batch of {batch_size}: set it to at least {least}, or leave it unset."
+                f"fill a batch of {self.fresh_per_batch}: set it to at least {least}, or leave it unset."
             )
         family = find_family(env.id)
         if family.envs_per_process is not None and envs_per_actor > family.envs_per_process:
@@ -138,7 +155,7 @@ class ImpalaDataModule(LightningDataModule):
                 num_actors=hp.num_actors,
                 envs_per_actor=hp.envs_per_actor,
                 unroll_length=hp.unroll_length,
-                batch_size=hp.batch_size,
+                batch_size=self.fresh_per_batch,
                 seed=hp.seed,
                 start_method=hp.start_method,
                 slots_per_env=hp.slots_per_env,
@@ -172,10 +189,17 @@ class ImpalaDataModule(LightningDataModule):
             raise RuntimeError(
                 "ImpalaDataModule has no actors: add kart_lightning.data.WeightPublisher to the Trainer's callbacks."
             )
+        replay = None
+        if self.replayed_per_batch:
+            replay = ReplayBuffer(self.pool.buffers, self.replay, seed=self.hparams.seed, least=self.hparams.batch_size)
+            rank_zero_info(
+                f"Replay: {self.replayed_per_batch} replayed and {self.fresh_per_batch} fresh unrolls per batch, "
+                f"from the last {replay.capacity} unrolls ({replay.nbytes / GIB:.2f} GiB of host memory at most)."
+            )
         # The actor pool is the workers and the dataset yields whole batches.
         dataset = TrajectoryDataset(
             self.pool, self.env_frames_per_step, self.hparams.rollout_timeout_s,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=self.device.type == "cuda", replay=replay, replay_count=self.replayed_per_batch,
         )
         return DataLoader(dataset, batch_size=None, num_workers=0)
 

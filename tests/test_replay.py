@@ -1,0 +1,235 @@
+"""Experience replay (data/replay.py) and the learner-side levers that come with it: the replay
+buffer, its batches through real actors, LASER's trust region and random-shift augmentation."""
+
+import pytest
+import torch
+
+from kart_lightning.data import ActorPool, TrajectoryDataset
+from kart_lightning.data.replay import ReplayBuffer, ReplayConfig, split_batch
+from kart_lightning.data.rollout import create_buffers, rollout_spec, stack_slots
+from kart_lightning.envs import EnvConfig
+from kart_lightning.errors import ConfigError
+from kart_lightning.models import ActorCritic
+from kart_lightning.models.augmentation import random_shift
+from kart_lightning.module import ImpalaModule
+
+T = 5
+
+
+def filled_buffers(slots: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Rollout slots of 3x8x8 uint8 frames, every field random; slot i's policy_version is i."""
+    generator = torch.Generator().manual_seed(seed)
+    spec = rollout_spec([3, 8, 8], torch.uint8, num_actions=4, unroll_length=T, core_state_size=6)
+    buffers = create_buffers(spec, slots)
+    for buffer in buffers.values():
+        if buffer.dtype == torch.uint8:
+            buffer.copy_(torch.randint(0, 256, buffer.shape, generator=generator, dtype=torch.uint8))
+        elif buffer.dtype == torch.bool:
+            buffer.copy_(torch.rand(buffer.shape, generator=generator) < 0.2)
+        elif buffer.dtype == torch.int64:
+            buffer.copy_(torch.randint(0, 4, buffer.shape, generator=generator))
+        else:
+            buffer.copy_(torch.randn(buffer.shape, generator=generator))
+    buffers["policy_version"].copy_(torch.arange(slots))
+    return buffers
+
+
+def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit, NaNs included (torch.equal finds NaN unequal to itself)."""
+    if a.dtype == torch.float32:
+        a, b = a.view(torch.int32), b.view(torch.int32)
+    return torch.equal(a, b)
+
+
+def unroll(batch: dict[str, torch.Tensor], column: int) -> dict[str, torch.Tensor]:
+    """One unroll (column) of a time-major batch."""
+    return {name: values[column] if values.dim() == 1 else values[:, column] for name, values in batch.items()
+            if isinstance(values, torch.Tensor) and name != "replayed"}
+
+
+def test_split_batch_gives_replayed_per_fresh_and_refuses_ratios_with_no_room():
+    assert split_batch(16, 0) == (16, 0)
+    assert split_batch(16, 1) == (8, 8)
+    assert split_batch(16, 3) == (4, 12)
+    assert split_batch(16, 100) == (1, 15)
+    with pytest.raises(ConfigError, match="leaves no replayed unroll"):
+        split_batch(16, 0.01)
+    with pytest.raises(ConfigError, match="set it to 0"):
+        split_batch(16, -1)
+
+
+def test_replayed_unrolls_are_bit_exact_copies_that_actors_cannot_touch():
+    buffers = filled_buffers(6)
+    original = stack_slots(buffers, list(range(6)))
+    replay = ReplayBuffer(buffers, ReplayConfig(capacity=6))
+    replay.add(stack_slots(buffers, list(range(6))))
+    # The actors go on writing their slots: the buffer holds its own copies.
+    for buffer in buffers.values():
+        buffer.zero_() if buffer.dtype != torch.bool else buffer.fill_(True)
+    sampled = replay.sample(50)
+    seen = set()
+    for column in range(50):
+        got = unroll(sampled, column)
+        index = int(got["policy_version"])
+        seen.add(index)
+        for name, values in unroll(original, index).items():
+            assert bit_equal(got[name], values), name
+    assert seen == set(range(6))
+
+
+def test_a_full_buffer_drops_its_oldest_unrolls_and_recent_sampling_favours_new_ones():
+    buffers = filled_buffers(10)
+    replay = ReplayBuffer(buffers, ReplayConfig(capacity=4))
+    for first in range(0, 10, 2):  # 10 unrolls, 2 at a time, into room for 4
+        replay.add(stack_slots(buffers, [first, first + 1]))
+    assert len(replay) == 4
+    assert set(replay.sample(200)["policy_version"].tolist()) == {6, 7, 8, 9}
+
+    uniform = ReplayBuffer(buffers, ReplayConfig(capacity=10, sampling="uniform"))
+    recent = ReplayBuffer(buffers, ReplayConfig(capacity=10, sampling="recent", half_life=2))
+    for replay in (uniform, recent):
+        replay.add(stack_slots(buffers, list(range(10))))
+    uniform_mean = uniform.sample(4000)["policy_version"].float().mean()
+    recent_mean = recent.sample(4000)["policy_version"].float().mean()
+    assert abs(uniform_mean - 4.5) < 0.3
+    # Weights halve every 2 unrolls back from the newest, 9: the mean is 6.91.
+    assert abs(recent_mean - 6.91) < 0.2
+
+    # Recency after the ring has wrapped: 10 unrolls into room for 4, the newest (9) most often.
+    wrapped = ReplayBuffer(buffers, ReplayConfig(capacity=4, sampling="recent", half_life=1))
+    for first in range(0, 10, 2):
+        wrapped.add(stack_slots(buffers, [first, first + 1]))
+    counts = torch.bincount(wrapped.sample(4000)["policy_version"], minlength=10)[6:].tolist()
+    assert counts == sorted(counts) and counts[-1] > 1800  # 6 < 7 < 8 < 9, 9 about 8/15 of them
+
+
+def test_capacity_in_gib_bounds_the_unrolls_kept():
+    buffers = filled_buffers(2)
+    per_unroll = sum(buffer[0].numel() * buffer.element_size() for buffer in buffers.values())
+    replay = ReplayBuffer(buffers, ReplayConfig(capacity=1, capacity_gib=10.5 * per_unroll / 2**30))
+    assert replay.capacity == 10 and replay.nbytes == 10 * per_unroll
+
+
+def image_module(**overrides) -> ImpalaModule:
+    torch.manual_seed(0)
+    return ImpalaModule(obs_shape=[3, 8, 8], num_actions=4, torso="deep", hidden_size=16, **overrides)
+
+
+def acted_batch(module: ImpalaModule, slots: int) -> dict[str, torch.Tensor]:
+    """Slots whose behaviour logits are the module's policy's on their own observations."""
+    buffers = filled_buffers(slots)
+    batch = stack_slots(buffers, list(range(slots)))
+    with torch.no_grad():
+        logits, _, _ = module(batch)
+    for slot in range(slots):
+        buffers["behaviour_logits"][slot] = logits[:, slot]
+    return buffers
+
+
+def test_replayed_batches_give_the_loss_of_the_same_unrolls_fresh_while_the_policy_is_unchanged():
+    module = image_module()
+    buffers = acted_batch(module, 8)
+    replay = ReplayBuffer(buffers, ReplayConfig(capacity=8))
+    replay.add(stack_slots(buffers, list(range(8))))
+    sampled = replay.sample(6)
+    fresh = stack_slots(buffers, sampled["policy_version"].tolist())
+    with torch.no_grad():
+        replayed_loss, fresh_loss = module.compute_loss(sampled), module.compute_loss(fresh)
+    for name in ("loss", "policy_loss", "baseline_loss", "entropy_loss"):
+        # The same numbers, summed in a possibly different order: equal to the last bits.
+        torch.testing.assert_close(replayed_loss[name], fresh_loss[name], rtol=1e-6, atol=1e-6)
+
+
+def test_the_trust_region_leaves_out_only_unrolls_whose_policy_moved_too_far():
+    module = image_module(trust_region_kl=0.05)
+    buffers = acted_batch(module, 4)
+    buffers["behaviour_logits"][2:] = torch.randn(buffers["behaviour_logits"][2:].shape) * 5  # old policies
+    batch = stack_slots(buffers, list(range(4)))
+    with torch.no_grad():
+        losses = module.compute_loss(batch)
+        near = image_module().compute_loss({name: values[:, :2] if values.dim() > 1 else values[:2]
+                                            for name, values in batch.items()})
+    assert losses["trust_region_kept"] == 0.5
+    # The far unrolls add nothing to the policy gradient term.
+    assert torch.allclose(losses["policy_loss"], near["policy_loss"])
+    assert image_module().compute_loss(batch)["policy_loss"] != losses["policy_loss"]
+
+
+def test_random_shift_keeps_shape_and_dtype_and_moves_all_stacked_frames_of_an_observation_together():
+    frame = torch.arange(64, dtype=torch.uint8).reshape(8, 8)
+    obs = frame.expand(6, 5, 3, 8, 8).contiguous()  # [T+1, B, C, H, W], the same frame everywhere
+    shifted = random_shift(obs, pad=2, generator=torch.Generator().manual_seed(0))
+    assert shifted.shape == obs.shape and shifted.dtype == torch.uint8
+    assert torch.equal(random_shift(obs, pad=0), obs)
+    moved = 0
+    for image in shifted.reshape(-1, 3, 8, 8):
+        assert torch.equal(image[0], image[1]) and torch.equal(image[0], image[2])
+        # Each is the frame shifted by (dy, dx) within [-2, 2], edge pixels repeated.
+        matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                   if torch.equal(image[0], frame[(torch.arange(8) + dy).clamp(0, 7)][:, (torch.arange(8) + dx).clamp(0, 7)])]
+        assert matches
+        moved += (0, 0) not in matches
+    assert moved > 20  # of 30: a 1-in-25 chance each to stay put
+
+
+def test_augmentation_applies_to_training_batches_only():
+    module = image_module(augmentation="random_shift")
+    batch = stack_slots(filled_buffers(4), list(range(4)))
+    module.train()
+    assert not torch.equal(module.augment(batch)["obs"], batch["obs"])
+    module.eval()
+    assert module.augment(batch) is batch
+    assert image_module().augment(batch) is batch  # augmentation none
+
+
+@pytest.mark.slow
+def test_actor_batches_mix_fresh_unrolls_with_bit_exact_earlier_ones_and_count_fresh_frames_only():
+    torch.manual_seed(0)
+    policy = torch.jit.script(ActorCritic([4], 2, torso="mlp", hidden_size=32))
+    pool = ActorPool(
+        policy=policy, env=EnvConfig(id="CartPole-v1"), obs_shape=[4], obs_dtype=torch.float32, num_actions=2,
+        num_actors=2, envs_per_actor=2, unroll_length=T, batch_size=2, seed=0, start_method="spawn",
+    )
+    try:
+        replay = ReplayBuffer(pool.buffers, ReplayConfig(capacity=6))
+        dataset = TrajectoryDataset(pool, env_frames_per_step=1, timeout_s=60, replay=replay, replay_count=3)
+        earlier = []
+        for step, batch in zip(range(12), dataset):
+            assert batch["env_frames"] == 2 * T  # the fresh unrolls only
+            replayed = batch["replayed"]
+            if step < 3:  # the buffer holds fewer than a batch's worth of unrolls yet: fresh only
+                assert replayed.tolist() == [False, False]
+            else:
+                assert replayed.tolist() == [False, False, True, True, True]
+            for column in range(len(replayed)):
+                got = unroll(batch, column)
+                if replayed[column]:
+                    # Among the last 6 fresh unrolls, copied bit for bit.
+                    assert any(all(bit_equal(got[name], old[name]) for name in got) for old in earlier[-6:])
+            earlier += [unroll(batch, column) for column in range(len(replayed)) if not replayed[column]]
+    finally:
+        pool.close()
+
+
+def test_training_statistics_come_from_fresh_unrolls_only():
+    torch.manual_seed(0)
+    module = ImpalaModule(obs_shape=[4], num_actions=2, torso="mlp", hidden_size=8)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
+    module.optimizers = lambda: optimizer
+    logged = {}
+    module.log = lambda name, value, **_: logged.__setitem__(name, float(value))
+    steps, columns = T + 1, 4  # columns 2 and 3 replayed
+    done = torch.zeros(steps, columns, dtype=torch.bool)
+    done[3] = True
+    returns = torch.full((steps, columns), float("nan"))
+    returns[3] = torch.tensor([10.0, 20.0, 100.0, 200.0])
+    batch = {
+        "reward": torch.zeros(steps, columns), "done": done, "episode_return": returns,
+        "episode_length": torch.where(done, 50.0, float("nan")),
+        "policy_version": torch.tensor([0, 0, -3, -5]), "replayed": torch.tensor([False, False, True, True]),
+    }
+    module._log_training(batch, {"loss": torch.tensor(1.0)})
+    assert module.episodes == 2
+    assert logged["train/episode_return"] == 15.0
+    assert logged["train/replay_ratio_effective"] == 1.0
+    assert logged["policy_lag"] == 0.0 and logged["train/replay_lag"] == 4.0
