@@ -145,12 +145,15 @@ def test_every_track_has_its_own_course_id_and_course_select_place() -> None:
     assert len({(track.cup, track.course) for track in TRACKS}) == len(TRACKS)
 
 
-def test_the_mario_kart_configs_name_known_tracks_and_hold_out_mario_circuit_4() -> None:
-    config = yaml.safe_load((REPO / "configs" / "impala.yaml").read_text())["data"]
+@pytest.mark.parametrize("config_file", ["impala.yaml", "impala_all_tracks.yaml"])
+def test_the_mario_kart_configs_name_known_tracks_and_hold_out_mario_circuit_4(config_file: str) -> None:
+    config = yaml.safe_load((REPO / "configs" / config_file).read_text())["data"]
     trained, held_out = config["env"]["retro_state"], config["eval_env"]["retro_state"]
     for name in [*trained, held_out]:
         assert get_track(name).name == name
     assert held_out == "MarioCircuit.Act4" and held_out not in trained
+    if config_file == "impala_all_tracks.yaml":  # every other course
+        assert sorted(trained) == sorted(track.name for track in TRACKS if track.name != held_out)
 
 
 def test_an_unknown_track_is_a_config_error_listing_the_known_ones() -> None:
@@ -381,8 +384,13 @@ def test_drive_item_adds_accelerating_while_using_the_item_with_a() -> None:
     assert {SNES_BUTTONS[i] for i in np.flatnonzero(table[-1])} == {"B", "A"}
 
 
+def test_race_keeps_the_drive_actions_that_accelerate() -> None:
+    assert list(ACTION_SETS["race"]) == ["accelerate", "accelerate_left", "accelerate_right", "slide_left", "slide_right"]
+    assert all(SNES_BUTTONS.index("B") in np.flatnonzero(row) for row in button_table("race"))
+
+
 def test_an_unknown_action_set_is_a_config_error_naming_the_sets() -> None:
-    with pytest.raises(EnvConfigError, match="use one of drive, drive_item"):
+    with pytest.raises(EnvConfigError, match="use one of drive, race, drive_item"):
         make_env(EnvConfig(id=GAME, options=MarioKartConfig(actions="fly")))
 
 

@@ -25,6 +25,9 @@ DRIVE: dict[str, tuple[str, ...]] = {
 
 ACTION_SETS: dict[str, dict[str, tuple[str, ...]]] = {
     "drive": DRIVE,
+    # Always on the throttle: a random policy then moves from the first step, where one on
+    # `drive` coasts or brakes 2 steps in 7.
+    "race": {name: buttons for name, buttons in DRIVE.items() if "B" in buttons},
     # Items exist only in GP races (Time Trial has none); accelerating while firing keeps speed.
     "drive_item": {**DRIVE, "accelerate_use_item": ("B", "A")},
 }

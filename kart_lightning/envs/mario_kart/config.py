@@ -6,7 +6,7 @@ EnvConfig holds one as `mario_kart`; other games ignore it.
 from dataclasses import dataclass
 from typing import Literal
 
-ActionSetName = Literal["drive", "drive_item"]
+ActionSetName = Literal["drive", "race", "drive_item"]
 ViewName = Literal["driver", "full"]
 
 
@@ -16,7 +16,8 @@ class MarioKartConfig:
 
     Args:
         actions: 'drive': no-op, accelerate, accelerate left/right, power-slide left/right, brake;
-            'drive_item': those and accelerate while using the item (GP races only).
+            'race': drive's five that accelerate (no coasting, no brake);
+            'drive_item': drive's and accelerate while using the item (GP races only).
         view: 'driver': the upper screen half, the kart's view without the minimap; 'full': both halves.
         progress_reward: per checkpoint passed (about 30-40 a lap); minus this per checkpoint driven back.
         lap_reward: per lap completed (each lap counts once, however often the line is recrossed).
