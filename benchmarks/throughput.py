@@ -175,8 +175,9 @@ class SteadyStateProbe(Callback):
     """Samples (time, env frames, learner step) at each batch end; the window opens `warmup_s` after
     the first batch (so actor start-up is excluded) and stops the trainer `seconds` later.
 
-    Policy lag is the module's own: learner step minus the mean version of the weights that acted,
-    taken as each batch starts, kept on the device to add no synchronisation.
+    Policy lag is the module's own: learner step minus the mean version of the weights that acted
+    on the batch's fresh unrolls, taken as each batch starts, kept on the device to add no
+    synchronisation.
     """
 
     def __init__(self, warmup_s: float, seconds: float) -> None:
@@ -193,7 +194,10 @@ class SteadyStateProbe(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if self.start is not None:
-            self.lags.append(trainer.global_step - batch["policy_version"].float().mean())
+            # Of the fresh unrolls, as the module logs it (replayed ones are older on purpose).
+            fresh = (~batch["replayed"]).to(batch["policy_version"].device).float()
+            versions = (batch["policy_version"].float() * fresh).sum() / fresh.sum()
+            self.lags.append(trainer.global_step - versions)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         sample = (time.monotonic(), int(pl_module.env_frames), trainer.global_step)
