@@ -44,7 +44,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from curve import series
-from memory import tree_memory, trend
+from memory import stop, tree_memory, trend
 
 from kart_lightning.envs.registry import find_family, register_env_family
 
@@ -168,20 +168,6 @@ def wait_for(condition, timeout_s: float, poll_s: float = 0.1):
     raise TimeoutError(f"waited {timeout_s:.0f} s for {condition.__name__ if hasattr(condition, '__name__') else 'it'}")
 
 
-def interrupt(process: subprocess.Popen) -> int:
-    """Ctrl-C the run's process group (escalating if ignored) and return its exit code."""
-    for sig, wait_s in ((signal.SIGINT, 90), (signal.SIGTERM, 30), (signal.SIGKILL, 30)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            return process.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            continue
-    return process.wait()
-
-
 def rate(series: list[tuple[float, int, float]], start: float, end: float, use_step: bool) -> float:
     """Per second over [start, end] of the value (or the step) of a counter series."""
     inside = [row for row in series if start <= row[0] <= end]
@@ -230,7 +216,7 @@ def actors_part(work: Path, args) -> dict:
             next_raise += args.raise_every_s
         time.sleep(0.2)
     unclaimed = len(list((folder / "raise").iterdir()))
-    exit_code = interrupt(process)
+    exit_code = stop(process)
 
     frames, returns = series(folder, "env_frames"), series(folder, "train/episode_return")
     windows = {"before": (first_step + 60, faults_from), "during": (faults_from, faults_until),
@@ -243,9 +229,9 @@ def actors_part(work: Path, args) -> dict:
         "env_rebuilds": series(folder, "pool/env_rebuilds")[-1][2],
         "exit_code": exit_code,
     }
-    for name, (start, stop) in windows.items():
-        result[f"frames_per_s_{name}"] = rate(frames, start, stop, use_step=False)
-        result[f"learner_steps_per_s_{name}"] = rate(frames, start, stop, use_step=True)
+    for name, (start, until) in windows.items():
+        result[f"frames_per_s_{name}"] = rate(frames, start, until, use_step=False)
+        result[f"learner_steps_per_s_{name}"] = rate(frames, start, until, use_step=True)
     # The running mean of the last 100 episodes' returns, every 5 minutes.
     result["return_by_minute"] = {}
     for minute in range(5, int(args.before_minutes + args.minutes + 1) + 1, 5):
@@ -307,7 +293,7 @@ def trainer_part(work: Path, args) -> dict:
             row["resumed_as_saved"] = (started["step"], started["env_frames"]) == (
                 previous["saved"]["step"], previous["saved"]["env_frames"])
         if kill == args.trainer_kills:  # the last resume: check it, then stop it as a user would
-            row["exit_code_on_ctrl_c"] = interrupt(process)
+            row["exit_code_on_ctrl_c"] = stop(process)
             rows.append(row)
             break
         during_save = kill % 3 == 2
@@ -388,7 +374,7 @@ def disk_part(work: Path, args) -> dict:
             exit_code = process.wait(timeout=120)
         except subprocess.TimeoutExpired:
             exit_code = None
-            interrupt(process)
+            stop(process)
         output = log.read_text().strip().splitlines()
         saved = read_state(checkpoints / "last.ckpt")
         left = sorted(path.name for path in checkpoints.glob("*.tmp"))
@@ -397,7 +383,7 @@ def disk_part(work: Path, args) -> dict:
         resumed = start_fit(folder, [*fit_args, "--ckpt_path", "last"], folder / "resume.log")
         started = next_start(folder, before)
         time.sleep(5)
-        resume_exit = interrupt(resumed)
+        resume_exit = stop(resumed)
         return {
             "tmpfs_mib": args.disk_mib, "filled_at_step": filled_at, "exit_code": exit_code,
             "last_lines": output[-3:], "traceback": any("Traceback" in line for line in output),

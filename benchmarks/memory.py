@@ -45,15 +45,19 @@ def trend(samples: list, key: str, window: int = 10) -> float:
     return (last - first) / first * 100
 
 
-def stop(trainer: subprocess.Popen) -> None:
-    """Ctrl-C the run's process group; escalate if SIGINT is ignored (as in a background job)."""
-    for sig, wait_s in ((signal.SIGINT, 60), (signal.SIGTERM, 60), (signal.SIGKILL, 30)):
-        os.killpg(trainer.pid, sig)
+def stop(trainer: subprocess.Popen) -> int:
+    """Ctrl-C the run's process group; escalate if SIGINT is ignored (as in a background job).
+    Returns the run's exit code."""
+    for sig, wait_s in ((signal.SIGINT, 90), (signal.SIGTERM, 30), (signal.SIGKILL, 30)):
         try:
-            trainer.wait(timeout=wait_s)
-            return
+            os.killpg(trainer.pid, sig)
+        except ProcessLookupError:  # the group is gone: the run has exited
+            pass
+        try:
+            return trainer.wait(timeout=wait_s)
         except subprocess.TimeoutExpired:
             continue
+    return trainer.wait()
 
 
 def main() -> None:
