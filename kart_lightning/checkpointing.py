@@ -314,3 +314,7 @@ class CheckpointFiles(Callback):
             # Saving is collective: every rank follows rank 0, the one that reads the file.
             if trainer.strategy.broadcast(behind):
                 trainer.save_checkpoint(path, weights_only=checkpoint.save_weights_only)
+                # ModelCheckpoint saves `last` at the end too when it never has (a run shorter than
+                # its interval); knowing this file as its own, it writes it again rather than
+                # beside it as last-v1.ckpt.
+                checkpoint.last_model_path = str(path)
