@@ -24,6 +24,7 @@ from kart_lightning.checkpointing import (
 )
 from kart_lightning.console import quiet_library_notices
 from kart_lightning.data import ActorFailed, ImpalaDataModule, WeightPublisher
+from kart_lightning.distributed import RESUME_HINT, RankWatch, first_line, is_collective_failure, rank_prefix
 from kart_lightning.envs import env_config_from_dict
 from kart_lightning.errors import ConfigError, SaveFailed
 from kart_lightning.evaluation import held_out_envs
@@ -77,6 +78,8 @@ class ImpalaCLI(LightningCLI):
         parser.add_lightning_class_args(EpisodeRecorder, "recorder")
         # Hands the policy to the DataModule and its weights to the actors after each step.
         parser.add_lightning_class_args(WeightPublisher, "weights")
+        # With several ranks (DDP): one that fails or vanishes ends the whole job, not a hang.
+        parser.add_lightning_class_args(RankWatch, "ranks")
         parser.link_arguments("data.obs_shape", "model.obs_shape", apply_on="instantiate")
         parser.link_arguments("data.num_actions", "model.num_actions", apply_on="instantiate")
 
@@ -258,8 +261,14 @@ def main(args: list[str] | None = None) -> None:
     except ActorFailed as error:
         # Not the user's mistake, but the actor's traceback says more than ours would.
         fail(str(error), exit_code=1)
+    except Exception as error:
+        # With several ranks: one of the others is gone (RankWatch usually says which first).
+        if not (rank_prefix() and is_collective_failure(error)):
+            raise
+        fail(f"lost contact with the other ranks ({first_line(str(error))[:200]}): the whole job stops ({RESUME_HINT}).",
+             exit_code=1)
 
 
 def fail(message: str, exit_code: int = 2) -> None:
-    print(f"kart_lightning: error: {message}", file=sys.stderr)
+    print(f"kart_lightning: error: {rank_prefix()}{message}", file=sys.stderr)
     sys.exit(exit_code)

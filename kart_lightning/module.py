@@ -2,14 +2,18 @@
 TorchScript policy, with the env-frame counter that bounds a run across resumes."""
 
 import json
+import math
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.aggregation import RunningMean
 
 from kart_lightning.errors import ConfigError
@@ -28,6 +32,18 @@ def clip_rewards(rewards: torch.Tensor, mode: str) -> torch.Tensor:
         squeezed = torch.tanh(rewards / 5.0)
         return torch.where(rewards < 0, 0.3 * squeezed, squeezed) * 5.0
     return rewards
+
+
+@dataclass
+class JobStep:
+    """What one learner step adds up to across all ranks (with one rank, this rank's own)."""
+
+    env_frames: int
+    """Fresh env frames trained on by every rank together."""
+    episodes: dict[str, torch.Tensor]
+    """Each `episode_KEY` field's values for the episodes that ended in the fresh unrolls."""
+    ranks: list[tuple[float, float]]
+    """Per rank: its own env frames/s and policy lag (empty with one rank)."""
 
 
 class ImpalaModule(LightningModule):
@@ -62,6 +78,7 @@ class ImpalaModule(LightningModule):
         augmentation: Literal["none", "random_shift"] = "none",
         shift_pad: int = 4,
         trust_region_kl: float | None = None,
+        lr_scaling: Literal["none", "sqrt", "linear"] = "sqrt",
     ) -> None:
         """
         Args:
@@ -96,6 +113,11 @@ class ImpalaModule(LightningModule):
                 left out of the policy gradient. It applies to every unroll, as in LASER; fresh
                 ones are rarely that far, replayed ones often (with random_shift, π sees the
                 shifted frames and μ saw them unshifted). null: none left out.
+            lr_scaling: With N ranks (DDP) a step trains on N batches and DDP averages their
+                gradients, so a step is a less noisy one of N times the frames, and there are N times
+                fewer steps per frame. sqrt multiplies learning_rate by √N, the square-root rule
+                for adaptive optimizers such as RMSProp and Adam (Malladi et al. 2022); linear by N
+                (Goyal et al. 2017, for SGD); none leaves it. Nothing changes with one rank.
         """
         if obs_shape is None:
             obs_shape = [4, 84, 84]
@@ -118,6 +140,8 @@ class ImpalaModule(LightningModule):
         self.episodes = 0
         self._checkpoint_step = 0
         self._throughput = deque(maxlen=50)
+        self._rank_frames = 0
+        self._rank_throughput = deque(maxlen=50)
 
     def forward(self, batch: dict[str, torch.Tensor]):
         return self.policy(
@@ -173,9 +197,74 @@ class ImpalaModule(LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         losses = self.compute_loss(self.augment(batch))
-        self.env_frames += batch["env_frames"]
-        self._log_training(batch, losses)
+        job = self._job_step(batch)
+        # Every rank adds the same sum, so the budget, the lr schedule and the stop agree.
+        self.env_frames += job.env_frames
+        self._log_training(batch, losses, job)
         return losses["loss"]
+
+    @property
+    def world_size(self) -> int:
+        """Ranks training together (1 without a trainer)."""
+        try:
+            return self.trainer.world_size
+        except RuntimeError:  # not attached to a Trainer
+            return 1
+
+    def on_fit_start(self) -> None:
+        if self.world_size > 1:
+            rank_zero_info(
+                f"Learning rate {self.hparams.learning_rate:g} x {self.scaled_learning_rate() / self.hparams.learning_rate:.3g} "
+                f"= {self.scaled_learning_rate():.3g} for {self.world_size} ranks (model.lr_scaling {self.hparams.lr_scaling})."
+            )
+            # The same initial weights everywhere (DDP checks), then each rank's own random
+            # stream: its augmentation shifts differ from the other ranks'.
+            torch.manual_seed(torch.initial_seed() + 1_000_003 * self.global_rank)
+
+    def on_train_start(self) -> None:
+        # The config and the number of ranks decide the learning rate, also on resume, where the
+        # checkpoint's optimizer and scheduler states would bring back the rate they were saved with.
+        rate = self.scaled_learning_rate()
+        for group in self.optimizers().param_groups:
+            group["initial_lr"], group["lr"] = rate, rate * self._lr_factor(0)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.base_lrs = [rate] * len(scheduler.base_lrs)
+
+    def _job_step(self, batch: dict[str, torch.Tensor]) -> JobStep:
+        """This rank's fresh frames, finished episodes, frames/s and policy lag, gathered from
+        every rank when there are several (one small all_gather per step)."""
+        fresh = self._fresh(batch)
+        finished = batch["done"][1:] & ~torch.isnan(batch["episode_return"][1:]) & fresh  # [T, B]
+        names = sorted(name for name in batch if name.startswith("episode_"))
+        values = torch.stack([batch[name][1:].double() for name in names])  # [K, T, B]
+        self._rank_frames += batch["env_frames"]
+        self._rank_throughput.append((time.monotonic(), self._rank_frames))
+        (t0, f0), (t1, f1) = self._rank_throughput[0], self._rank_throughput[-1]
+        frames_per_s = (f1 - f0) / (t1 - t0) if t1 > t0 else math.nan
+        lag = float(self.global_step - batch["policy_version"].float()[fresh].mean())
+        if self.world_size == 1:
+            return JobStep(batch["env_frames"], {name: values[i][finished] for i, name in enumerate(names)}, [])
+        head = torch.tensor([batch["env_frames"], frames_per_s, lag], dtype=torch.float64, device=values.device)
+        row = torch.cat([head, finished.double().flatten(), values.flatten()])
+        rows = [torch.empty_like(row) for _ in range(self.world_size)]
+        dist.all_gather(rows, row)
+        rows = torch.stack(rows)  # [N, ...]: one row per rank
+        cells = finished.numel()
+        finished_all = rows[:, 3:3 + cells].bool()
+        values_all = rows[:, 3 + cells:].reshape(rows.shape[0], len(names), cells)
+        return JobStep(
+            env_frames=int(rows[:, 0].sum()),
+            episodes={name: values_all[:, i][finished_all] for i, name in enumerate(names)},
+            ranks=[(float(row[1]), float(row[2])) for row in rows],
+        )
+
+    @staticmethod
+    def _fresh(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B] bool: the unrolls that came from the actors for this batch (not replayed ones)."""
+        batch_size = batch["reward"].shape[1]
+        fresh = ~batch["replayed"] if "replayed" in batch else torch.ones(batch_size, dtype=torch.bool)
+        return fresh.to(batch["reward"].device)
 
     def augment(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The batch the loss sees: with model.augmentation random_shift and in training mode,
@@ -188,7 +277,7 @@ class ImpalaModule(LightningModule):
         if self.env_frames >= self.hparams.max_frames:
             self.trainer.should_stop = True
 
-    def _log_training(self, batch: dict[str, torch.Tensor], losses: dict[str, torch.Tensor]) -> None:
+    def _log_training(self, batch: dict[str, torch.Tensor], losses: dict[str, torch.Tensor], job: JobStep) -> None:
         batch_size = batch["reward"].shape[1]
         for name, value in losses.items():
             self.log(f"train/{name}", value.detach(), batch_size=batch_size)
@@ -200,21 +289,25 @@ class ImpalaModule(LightningModule):
         self.log("env_frames", float(env_frames), prog_bar=True, batch_size=batch_size)
         self.log("learning_rate", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
         # Replayed unrolls were counted when they were fresh: statistics come from fresh ones only.
-        fresh = ~batch["replayed"] if "replayed" in batch else torch.ones(batch_size, dtype=torch.bool)
-        fresh = fresh.to(batch["reward"].device)
+        fresh = self._fresh(batch)
         versions = batch["policy_version"].float()
-        self.log("policy_lag", self.global_step - versions[fresh].mean(), batch_size=batch_size)
+        if job.ranks:
+            self.log("policy_lag", sum(lag for _, lag in job.ranks) / len(job.ranks), batch_size=batch_size)
+            for rank, (frames_per_s, lag) in enumerate(job.ranks):
+                if not math.isnan(frames_per_s):
+                    self.log(f"rank_{rank}/frames_per_s", frames_per_s, batch_size=batch_size)
+                self.log(f"rank_{rank}/policy_lag", lag, batch_size=batch_size)
+        else:
+            self.log("policy_lag", self.global_step - versions[fresh].mean(), batch_size=batch_size)
         if not fresh.all():
             self.log("train/replay_lag", self.global_step - versions[~fresh].mean(), batch_size=batch_size)
         self.log("train/replay_ratio_effective", float((~fresh).sum()) / float(fresh.sum()), batch_size=batch_size)
         for name, value in batch.get("pool_stats", {}).items():
             self.log(name, value, batch_size=batch_size)
 
-        # Row 0 repeats the previous unroll's last row; count each finished episode once.
-        finished = batch["done"][1:] & ~torch.isnan(batch["episode_return"][1:]) & fresh
-        self.episodes += int(finished.sum())
-        for name in [name for name in batch if name.startswith("episode_")]:
-            values = batch[name][1:][finished]
+        # Row 0 repeats the previous unroll's last row, so each finished episode counts once.
+        self.episodes += int(job.episodes["episode_return"].numel())
+        for name, values in job.episodes.items():
             values = values[~torch.isnan(values)]
             if values.numel():
                 if name not in self.episode_means:
@@ -284,15 +377,21 @@ class ImpalaModule(LightningModule):
         for name, value in scalar_metrics(prefix, summary).items():
             self.log(name, value)
 
+    def scaled_learning_rate(self) -> float:
+        """model.learning_rate scaled for the number of ranks (see lr_scaling)."""
+        ranks = self.world_size
+        scale = {"none": 1.0, "sqrt": math.sqrt(ranks), "linear": float(ranks)}[self.hparams.lr_scaling]
+        return self.hparams.learning_rate * scale
+
     def configure_optimizers(self):
         hp = self.hparams
         if hp.optimizer == "rmsprop":
             optimizer = torch.optim.RMSprop(
-                self.parameters(), lr=hp.learning_rate, alpha=hp.rmsprop_alpha,
+                self.parameters(), lr=self.scaled_learning_rate(), alpha=hp.rmsprop_alpha,
                 eps=hp.rmsprop_eps, momentum=hp.rmsprop_momentum,
             )
         else:
-            optimizer = torch.optim.Adam(self.parameters(), lr=hp.learning_rate, eps=hp.adam_eps)
+            optimizer = torch.optim.Adam(self.parameters(), lr=self.scaled_learning_rate(), eps=hp.adam_eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -26,3 +26,21 @@ def test_cartpole_reaches_a_mean_return_of_400_within_600k_frames(kart: Callable
         ratios = [scalar.value for scalar in accumulator.Scalars("train/replay_ratio_effective")]
         assert ratios[-1] == replay_ratio
     assert max(returns) >= 400, f"best mean return {max(returns):.1f}"
+
+
+@pytest.mark.slow
+def test_cartpole_reaches_400_within_the_same_600k_frames_with_two_ranks(kart: Callable, tmp_path):
+    # Two DDP ranks (gloo) of one actor with 4 envs each: the 8 envs of one rank of cartpole.yaml,
+    # so only the ranks differ. A step trains on 2 x 16 unrolls at the sqrt-scaled lr, and the
+    # counter is the job's: the same budget must do (one rank: 294k frames, two: 262k; README).
+    kart("fit", "--config", "configs/cartpole.yaml", "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp",
+         "--trainer.devices", "2", "--data.num_actors", "1",
+         "--checkpoint.dirpath", str(tmp_path / "checkpoints"), "--trainer.default_root_dir", str(tmp_path),
+         "--trainer.enable_progress_bar", "false", timeout_s=900)  # fmt: skip
+    (events,) = tmp_path.glob("lightning_logs/version_*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    frames = {scalar.step: scalar.value for scalar in accumulator.Scalars("env_frames")}
+    reached = [scalar.step for scalar in accumulator.Scalars("train/episode_return") if scalar.value >= 400]
+    assert reached, "the mean return never reached 400"
+    assert frames[reached[0]] <= 600_000 <= max(frames.values())

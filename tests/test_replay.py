@@ -228,7 +228,7 @@ def test_training_statistics_come_from_fresh_unrolls_only():
         "episode_length": torch.where(done, 50.0, float("nan")),
         "policy_version": torch.tensor([0, 0, -3, -5]), "replayed": torch.tensor([False, False, True, True]),
     }
-    module._log_training(batch, {"loss": torch.tensor(1.0)})
+    module._log_training(batch, {"loss": torch.tensor(1.0)}, module._job_step({**batch, "env_frames": 0}))
     assert module.episodes == 2
     assert logged["train/episode_return"] == 15.0
     assert logged["train/replay_ratio_effective"] == 1.0

@@ -22,6 +22,9 @@ class ActorSpec:
     """Everything an actor process needs, picklable for the spawn start method."""
 
     index: int
+    """This actor's number in its pool."""
+    job_index: int
+    """Its number among the actors of all ranks (rank r's pool starts at r * num_actors)."""
     env: EnvConfig
     num_envs: int
     seed: int
@@ -36,6 +39,10 @@ class ActorSpec:
     """The env family's episode extra stats, written as `episode_KEY` rows (see rollout_spec)."""
     # Actor inference: the scripted policy (script_bytes). Learner inference: None.
     policy_bytes: bytes | None
+
+    def env_index(self, k: int) -> int:
+        """Env k's number among all envs of the job: it picks the env's first track."""
+        return self.job_index * self.num_envs + k
 
 
 @dataclass
@@ -91,7 +98,7 @@ def run_actor(
 def _run(spec: ActorSpec, buffers, inference, num_groups: int, board: SlotBoard, counters: ActorCounters) -> None:
     # The global env index picks the first track when the config lists several.
     envs = [
-        make_env(spec.env, seed=spec.seed + k, env_index=spec.index * spec.num_envs + k)
+        make_env(spec.env, seed=spec.seed + k, env_index=spec.env_index(k))
         for k in range(spec.num_envs)
     ]
     rebuild = EnvRebuilder(spec, envs, counters)
@@ -247,7 +254,7 @@ class EnvRebuilder:
         # A new seed, so a deterministic failure is not replayed step for step.
         self.envs[k] = make_env(
             self.spec.env, seed=self.spec.seed + k + 1000 * rebuilds,
-            env_index=self.spec.index * self.spec.num_envs + k,
+            env_index=self.spec.env_index(k),
         )
         observation, _ = self.envs[k].reset()
         return observation

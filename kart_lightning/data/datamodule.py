@@ -65,7 +65,8 @@ class ImpalaDataModule(LightningDataModule):
             replay: Experience replay in the learner (see ReplayConfig); off by default.
             slots_per_env: Shared-memory rollout slots per env; default 2 + ceil((fresh - 1) / envs),
                 one more than the fewest that can never deadlock, so actors keep acting.
-            seed: Base seed; env k of actor i is seeded seed + 10000 * i + k.
+            seed: Base seed; env k of actor i is seeded seed + 10000 * i + k, where i counts the
+                actors of all ranks (rank r's first actor is r * num_actors).
             start_method: How actor processes start; spawn is safe with threads and CUDA.
             inference: Where actions are computed. actor: each actor runs a CPU copy of the policy,
                 refreshed after learner updates; learner: a thread in the learner batches the
@@ -76,7 +77,7 @@ class ImpalaDataModule(LightningDataModule):
             inference_timeout_s: Learner inference: how long a batch waits for more requests.
             actor_threads: Torch threads per actor process (1: actors are many, their batches small).
             learner_threads: Torch threads of the learner; default the cores the actors leave
-                (at least 1).
+                (at least 1), with the host's cores shared evenly among the ranks on it.
             max_actor_failures: An actor that dies this many times in a row before finishing an
                 unroll stops the run; dead actors are otherwise restarted.
             rollout_timeout_s: Give up (with an error) when no trajectory arrives for this long.
@@ -139,11 +140,17 @@ class ImpalaDataModule(LightningDataModule):
         self.pool: ActorPool | None = None
         self.policy: torch.jit.ScriptModule | None = None
         self.device = torch.device("cpu")
+        self.rank = 0
 
-    def connect_policy(self, policy: torch.jit.ScriptModule, device: torch.device, stage: str) -> None:
+    def connect_policy(
+        self, policy: torch.jit.ScriptModule, device: torch.device, stage: str,
+        rank: int = 0, ranks: int = 1, local_ranks: int = 1,
+    ) -> None:
         """The policy to play: `fit` starts the actor pool with it (learner inference on `device`);
-        `validate` and `test` play their episodes with it."""
-        self.policy, self.device = policy, device
+        `validate` and `test` play their episodes with it. With several ranks, each starts its own
+        pool: `rank` numbers its actors after those of the ranks before it, so no two actors of the
+        job share seeds, and the `local_ranks` on this host share its cores."""
+        self.policy, self.device, self.rank = policy, device, rank
         if stage == "fit" and self.pool is None:
             hp = self.hparams
             self.pool = ActorPool(
@@ -157,6 +164,7 @@ class ImpalaDataModule(LightningDataModule):
                 unroll_length=hp.unroll_length,
                 batch_size=self.fresh_per_batch,
                 seed=hp.seed,
+                first_actor=rank * hp.num_actors,
                 start_method=hp.start_method,
                 slots_per_env=hp.slots_per_env,
                 actor_threads=hp.actor_threads,
@@ -167,8 +175,14 @@ class ImpalaDataModule(LightningDataModule):
                 inference_timeout_s=hp.inference_timeout_s,
                 extra_stats=tuple(self.extra_stats),
             )
+            if ranks > 1:
+                rank_zero_info(
+                    f"{ranks} ranks, each with its own actor pool: {ranks} x {hp.num_actors} actors seeded apart, "
+                    f"{ranks * hp.num_actors * hp.envs_per_actor} envs in all, {ranks} x {hp.batch_size} unrolls per "
+                    "learner step."
+                )
             # The learner gets the cores the actors leave.
-            cores = os.cpu_count() or 1
+            cores = max(1, (os.cpu_count() or 1) // max(1, local_ranks))
             torch.set_num_threads(
                 hp.learner_threads or max(1, cores - hp.num_actors * hp.actor_threads)
             )
@@ -191,7 +205,8 @@ class ImpalaDataModule(LightningDataModule):
             )
         replay = None
         if self.replayed_per_batch:
-            replay = ReplayBuffer(self.pool.buffers, self.replay, seed=self.hparams.seed, least=self.hparams.batch_size)
+            seed = self.hparams.seed + 1_000_003 * self.rank  # each rank draws its own replays
+            replay = ReplayBuffer(self.pool.buffers, self.replay, seed=seed, least=self.hparams.batch_size)
             rank_zero_info(
                 f"Replay: {self.replayed_per_batch} replayed and {self.fresh_per_batch} fresh unrolls per batch, "
                 f"from the last {replay.capacity} unrolls ({replay.nbytes / GIB:.2f} GiB of host memory at most)."

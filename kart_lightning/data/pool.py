@@ -57,6 +57,7 @@ class ActorPool:
         batch_size: int,
         seed: int,
         start_method: str,
+        first_actor: int = 0,
         slots_per_env: int | None = None,
         actor_threads: int = 1,
         max_actor_failures: int = 3,
@@ -90,10 +91,13 @@ class ActorPool:
             self.weights = SharedWeights(policy.state_dict(), self.context)
             policy_bytes = script_bytes(policy)
         self.seed = seed
+        # Seeds go by the actor's number in the whole job (several ranks each start a pool).
+        self.first_actor = first_actor
         self.specs = [
             ActorSpec(
-                index=index, env=env, num_envs=envs_per_actor, seed=seed + 10_000 * index,
-                action_seed=action_seed(seed, index, 0), unroll_length=unroll_length,
+                index=index, job_index=first_actor + index, env=env, num_envs=envs_per_actor,
+                seed=seed + 10_000 * (first_actor + index), action_seed=action_seed(seed, first_actor + index, 0),
+                unroll_length=unroll_length,
                 parent_pid=os.getpid(), torch_threads=actor_threads, extra_stats=tuple(extra_stats),
                 policy_bytes=policy_bytes,
             )
@@ -196,7 +200,8 @@ class ActorPool:
             recycled = self.board.recycle(index)
             self.actor_restarts[index] += 1
             self.specs[index] = dataclasses.replace(
-                self.specs[index], action_seed=action_seed(self.seed, index, self.actor_restarts[index])
+                self.specs[index],
+                action_seed=action_seed(self.seed, self.first_actor + index, self.actor_restarts[index]),
             )
             log.warning(
                 "actor %d exited with code %s; restarting it (%d restarts so far, %d slots recycled)",

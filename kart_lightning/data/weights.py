@@ -70,7 +70,10 @@ class WeightPublisher(Callback):
         self.every_n_steps = every_n_steps
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        trainer.datamodule.connect_policy(pl_module.policy, trainer.strategy.root_device, stage)
+        trainer.datamodule.connect_policy(
+            pl_module.policy, trainer.strategy.root_device, stage,
+            rank=trainer.global_rank, ranks=trainer.world_size, local_ranks=trainer.num_devices,
+        )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._publish(trainer, pl_module)
