@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 
 import kart_lightning
 from kart_lightning.cli import ImpalaCLI, build_cli, fail
+from kart_lightning.console import quiet_library_notices
 from kart_lightning.data.datamodule import ImpalaDataModule
 from kart_lightning.data.pool import ActorFailed
 from kart_lightning.data.rollout import create_buffers, rollout_spec, stack_slots
@@ -113,12 +114,14 @@ def step_random_envs(
             instance.close()
 
 
-def measure_env_bound(data: ImpalaDataModule, warmup_s: float, seconds: float) -> dict:
-    """E: env frames/s of data.num_actors processes × data.envs_per_actor envs under a random policy."""
+def measure_env_bound(data: ImpalaDataModule, warmup_s: float, seconds: float, ranks: int = 1) -> dict:
+    """E: env frames/s of data.num_actors processes × data.envs_per_actor envs under a random
+    policy, for each of the `ranks` on this machine."""
     hp = data.hparams
+    num_actors = hp.num_actors * ranks  # the ranks' actors are numbered one after the other
     context = mp.get_context(hp.start_method)
-    ready = context.RawArray("b", hp.num_actors)
-    steps = context.RawArray("q", hp.num_actors)
+    ready = context.RawArray("b", num_actors)
+    steps = context.RawArray("q", num_actors)
     stop = context.RawValue("b", 0)
     processes = [
         context.Process(
@@ -128,7 +131,7 @@ def measure_env_bound(data: ImpalaDataModule, warmup_s: float, seconds: float) -
             name=f"kart-random-actor-{index}",
             daemon=True,
         )
-        for index in range(hp.num_actors)
+        for index in range(num_actors)
     ]
     try:
         for process in processes:
@@ -147,7 +150,7 @@ def measure_env_bound(data: ImpalaDataModule, warmup_s: float, seconds: float) -
     return {
         "env_frames_per_s": agent_steps_per_s * data.env_frames_per_step,
         "agent_steps_per_s": agent_steps_per_s,
-        "processes": hp.num_actors,
+        "processes": num_actors,
         "envs_per_process": hp.envs_per_actor,
         "torch_threads_per_process": 1,
         "window_s": end_s - start_s,
@@ -206,7 +209,8 @@ class SteadyStateProbe(Callback):
         if self.start is None:
             if sample[0] - self.first_batch_s >= self.warmup_s:
                 self.start = sample
-        elif sample[0] - self.start[0] >= self.seconds:
+        # Rank 0's clock decides for every rank: a rank that stopped alone would hang the others.
+        elif trainer.strategy.broadcast(sample[0] - self.start[0] >= self.seconds):
             self.end = sample
             trainer.should_stop = True
 
@@ -380,6 +384,7 @@ def summarize(cli_args: list[str], cli: ImpalaCLI, env_bound: dict, trainer: dic
         "unroll_length": hp.unroll_length,
         "batch_size": hp.batch_size,
         "replay_ratio": cli.datamodule.replay.ratio,
+        "ranks": cli.trainer.world_size,
         "env_frames_per_step": cli.datamodule.env_frames_per_step,
         "E": E,
         "L": L,
@@ -430,7 +435,8 @@ def print_report(result: dict) -> None:
     print(f"  E        {result['E']:>12,.0f} env frames/s  random policy, {env_bound['processes']} "
           f"processes x {env_bound['envs_per_process']} envs, 1 torch thread each")
     print(f"  L        {result['L']:>12,.0f} env frames/s  learner alone, "
-          f"{learner['learner_steps_per_s']:.2f} steps/s, torch threads {learner['learner_threads']}")
+          f"{learner['learner_steps_per_s']:.2f} steps/s, torch threads {learner['learner_threads']}"
+          f"{', one rank' if result['ranks'] > 1 else ''}")
     print(f"  C        {result['C']:>12,.0f} env frames/s  1 / (1/E + 1/L)")
     print(f"  trainer  {result['trainer']:>12,.0f} env frames/s  {trainer['learner_steps_per_s']:.2f} "
           f"steps/s, policy lag {trainer['policy_lag']:.2f}, learner threads {trainer['learner_threads']}")
@@ -440,8 +446,20 @@ def print_report(result: dict) -> None:
     print(f"\n{MARKDOWN_HEADER}\n{markdown_row(result)}")
 
 
+def launched_rank() -> bool:
+    """Whether this process is a rank other than 0 that a launcher started: Lightning's DDP runs
+    this script again for each further rank on the machine, torchrun starts every rank. Such a
+    rank only trains (b), following rank 0's window; rank 0 measures and reports."""
+    return any(int(os.environ.get(name, "0")) > 0 for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
 def main(argv: list[str] | None = None) -> None:
     options, cli_args = parse_args(sys.argv[1:] if argv is None else argv)
+    quiet_library_notices()
+    if launched_rank():
+        with tempfile.TemporaryDirectory(prefix="kart-throughput-") as run_dir:
+            measure_trainer(build_timing_cli(cli_args, run_dir), options.warmup_s, options.seconds)
+        return
     # Other work on the cores skews every number, L most: its threads wait on each other when one
     # is preempted. The load before the run makes a busy machine visible in the results.
     load_before = os.getloadavg()[0]
@@ -454,7 +472,8 @@ def main(argv: list[str] | None = None) -> None:
             fail(str(error))
         print(f"(a) env-bound limit: {options.warmup_s:g} s warm-up, {options.seconds:g} s measured",
               flush=True)
-        env_bound = measure_env_bound(cli.datamodule, options.warmup_s, options.seconds)
+        # With several ranks on this machine, E steps all their actors.
+        env_bound = measure_env_bound(cli.datamodule, options.warmup_s, options.seconds, ranks=cli.trainer.num_devices)
         print("(b) trainer with learning", flush=True)
         try:
             trainer = measure_trainer(cli, options.warmup_s, options.seconds)
