@@ -161,11 +161,14 @@ class _PeriodicPolicyCallback(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         # At the last step, wait for the job in flight: it played nearly the final weights, and the
         # last checkpoint (saved after this hook) should hold its score.
-        self._handle(trainer, self.worker.poll(timeout_s=self.final_wait_s if _last_step(trainer) else None))
+        reply = self.worker.poll(timeout_s=self.final_wait_s if _last_step(trainer) else None)
         due = self.enabled and self.worker.pending is None and self._due(trainer.global_step)
-        # Rank 0 alone runs the worker; every rank follows its decision, as a job may save a
-        # checkpoint, which all ranks take part in.
-        if trainer.strategy.broadcast(due):
+        # Rank 0 alone runs the worker; every rank takes its reply (so callback_metrics agree, which
+        # EarlyStopping reads on every rank) and follows its decision, as a job may save a
+        # checkpoint, which all ranks take part in. One broadcast per step carries both.
+        reply, due = trainer.strategy.broadcast((reply, due))
+        self._handle(trainer, reply)
+        if due:
             self._last_step, self._last_time = trainer.global_step, time.monotonic()
             job = self.make_job(trainer, pl_module, script_bytes(pl_module.policy))
             if trainer.is_global_zero:
@@ -179,8 +182,8 @@ class _PeriodicPolicyCallback(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # The run's end (the stream of batches is one endless epoch), stopped in a way the last
         # step could not foresee (max_time, say).
-        if self.worker.pending is not None:
-            self._handle(trainer, self.worker.poll(timeout_s=self.final_wait_s))
+        reply = self.worker.poll(timeout_s=self.final_wait_s) if self.worker.pending is not None else None
+        self._handle(trainer, trainer.strategy.broadcast(reply))
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.worker.close()
@@ -192,6 +195,8 @@ class _PeriodicPolicyCallback(Callback):
         if reply is None:
             return
         if "error" in reply:
+            if not trainer.is_global_zero:  # every rank has the reply; one says so
+                return
             warnings.warn(f"{self.worker.name} of step {reply['step']} failed; training goes on:\n{reply['error']}", stacklevel=1)
             return
         self.handle_reply(trainer, reply)

@@ -70,6 +70,10 @@ class ImpalaCLI(LightningCLI):
         return {name: commands[name] for name in ("fit", "validate", "test")}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # With several ranks (DDP): one that fails or vanishes ends the whole job, not a hang. First,
+        # so every rank has stopped watching before the final checkpoint's collectives, and no rank
+        # takes another's normal exit for a loss.
+        parser.add_lightning_class_args(RankWatch, "ranks")
         # Always one ModelCheckpoint, configured under `checkpoint:`; fit --ckpt_path last finds it.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(CHECKPOINT_DEFAULTS)
@@ -78,8 +82,6 @@ class ImpalaCLI(LightningCLI):
         parser.add_lightning_class_args(EpisodeRecorder, "recorder")
         # Hands the policy to the DataModule and its weights to the actors after each step.
         parser.add_lightning_class_args(WeightPublisher, "weights")
-        # With several ranks (DDP): one that fails or vanishes ends the whole job, not a hang.
-        parser.add_lightning_class_args(RankWatch, "ranks")
         parser.link_arguments("data.obs_shape", "model.obs_shape", apply_on="instantiate")
         parser.link_arguments("data.num_actions", "model.num_actions", apply_on="instantiate")
 

@@ -3,13 +3,15 @@ where this process stands in the job, and the watch that ends the whole job, wit
 naming the rank, when one rank fails or vanishes.
 
 Only gradients and a few counters cross between ranks (see ImpalaModule.training_step); frames
-stay with the rank whose actors made them. A rank that stops alone would leave the others waiting
-in their next collective for as long as the backend's timeout (30 minutes for gloo, 10 for NCCL),
-or for ever in a barrier: RankWatch stops them within `silent_timeout_s` instead.
+stay with the rank whose actors made them. A rank that fails or dies would leave the others
+waiting in their next collective until the backend gives up (gloo sees a closed connection, NCCL
+waits out its timeout, 10 minutes): RankWatch ends them within `silent_timeout_s` at most, naming
+the rank. A rank that hangs with its process alive is the backend's timeout to catch.
 """
 
 import contextlib
 import os
+import signal
 import socket
 import sys
 import threading
@@ -26,6 +28,27 @@ RESUME_HINT = "resume with --ckpt_path last once every rank can run"
 
 _place: tuple[int, int] | None = None
 """(rank, world size) of this process while a multi-rank fit runs, for the error sentences."""
+_stop_requested = False
+"""Ctrl-C during a multi-rank fit: every rank stops after the same step (see ImpalaModule._job_step)."""
+
+
+def stop_requested() -> bool:
+    """Whether Ctrl-C asked this rank to stop (a multi-rank fit stops where any rank was asked)."""
+    return _stop_requested
+
+
+def _on_ctrl_c(signum, frame) -> None:
+    """SIGINT with several ranks: Ctrl-C reaches every rank on this host wherever it is (one may be
+    inside a collective, another between two), so none raises KeyboardInterrupt there: each notes
+    the request, the ranks agree on it in their next step's gather and all stop after that step,
+    saving last.ckpt as at any end. A second Ctrl-C ends the process at once, without saving."""
+    global _stop_requested
+    if _stop_requested:
+        os._exit(130)
+    _stop_requested = True
+    if _place is not None and _place[0] == 0:
+        print("\nkart_lightning: Ctrl-C: every rank stops after this step and saves last.ckpt (Ctrl-C again stops "
+              "at once, without saving).", file=sys.stderr, flush=True)
 
 
 def rank_prefix() -> str:
@@ -50,6 +73,16 @@ def process_state(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[0]
 
 
+def host_key() -> str:
+    """This host as far as process ids go: the hostname and the pid namespace (containers that
+    share a hostname, say under --network host, each have their own process ids)."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{socket.gethostname()}:{namespace}"
+
+
 def alive(pid: int) -> bool:
     """Whether process `pid` on this host is running (a zombie is not: it has died unreaped)."""
     return process_state(pid) not in (None, "Z", "X")
@@ -61,15 +94,19 @@ class Watch:
 
     A peer is lost when it says it failed (`report_failure`), when its process is gone (peers on
     this host, checked every `poll_s`), when its heart has not beaten for `silent_timeout_s`
-    (peers on other hosts), or when the store itself is gone (its host, rank 0 or the launcher,
-    died). A peer that said it finished (`finish`) is never lost. On a loss `on_lost(sentence)`
-    runs in the watch's thread; it is expected to end the process.
+    (its host went down, or the network cut it off), or when the store itself is gone (its host,
+    rank 0 or the launcher, died). A peer that said it finished (`finish`) is never lost. On a loss
+    `on_lost(sentence)` runs in the watch's thread; it is expected to end the process. The heart
+    beats in a thread of its own: a rank whose main thread hangs still beats (that is the
+    backend's timeout to catch).
     """
+
+    STORE_POLL_S = 0.5
 
     def __init__(self, store, rank: int, world_size: int, silent_timeout_s: float, poll_s: float, on_lost) -> None:
         self.store, self.rank, self.world_size = store, rank, world_size
         self.silent_timeout_s, self.poll_s, self.on_lost = silent_timeout_s, poll_s, on_lost
-        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.host, self.pid = host_key(), os.getpid()
         self.peers = [r for r in range(world_size) if r != rank]
         self.places: dict[int, tuple[str, int]] = {}
         self.beats = {r: (-1, time.monotonic()) for r in self.peers}
@@ -103,8 +140,12 @@ class Watch:
         while not self.stopping.wait(self.poll_s):
             sentence = self._local_losses()
             now = time.monotonic()
-            if sentence is None and now >= next_beat:
-                next_beat = now + 1.0
+            if sentence is not None:
+                # A peer here ended: if it ended because a third one failed, name that one.
+                with contextlib.suppress(Exception):
+                    sentence = self._reported_failure() or sentence
+            elif now >= next_beat:
+                next_beat = now + self.STORE_POLL_S
                 try:
                     sentence = self._store_losses(now)
                     store_lost_at = None
@@ -136,12 +177,18 @@ class Watch:
                 return True
         return False
 
-    def _store_losses(self, now: float) -> str | None:
+    def _reported_failure(self) -> str | None:
         if int(self.store.add("failures", 0)):
             for peer in self.peers:
                 if self.store.check([f"failed/{peer}"]):
                     said = self.store.get(f"failed/{peer}").decode(errors="replace")
                     return f"rank {peer} failed: {said}"
+        return None
+
+    def _store_losses(self, now: float) -> str | None:
+        failure = self._reported_failure()
+        if failure is not None:
+            return failure
         self.store.add(f"beat/{self.rank}", 1)
         for peer in self.peers:
             if peer in self.finished:
@@ -154,8 +201,9 @@ class Watch:
             if count != last_count:
                 self.beats[peer] = (count, now)
             elif now - since > self.silent_timeout_s and not self._said_done(peer):
-                host = self.places.get(peer, ("an unknown host", 0))[0]
-                return f"rank {peer} on {host} has not been heard from for {self.silent_timeout_s:.0f} s: it hung, died or was cut off"
+                host = self.places.get(peer, ("an unknown host", 0))[0].rsplit(":", 1)[0]
+                return (f"rank {peer} on {host} has not been heard from for {self.silent_timeout_s:.0f} s: its host went "
+                        "down or the network cut it off")
         return None
 
 
@@ -188,6 +236,7 @@ class RankWatch(Callback):
         self.silent_timeout_s, self.poll_s = silent_timeout_s, poll_s
         self.watch: Watch | None = None
         self.trainer: Trainer | None = None
+        self.previous_handler = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         global _place
@@ -195,6 +244,8 @@ class RankWatch(Callback):
             return
         # Kept after teardown: the sentence of an error that ends fit is printed after it.
         _place = (trainer.global_rank, trainer.world_size)
+        if threading.current_thread() is threading.main_thread():
+            self.previous_handler = signal.signal(signal.SIGINT, _on_ctrl_c)
         self.trainer = trainer
         store = connect_store(max(10.0, self.silent_timeout_s))
         self.watch = Watch(store, trainer.global_rank, trainer.world_size, self.silent_timeout_s, self.poll_s, self._lost)
@@ -206,6 +257,10 @@ class RankWatch(Callback):
         of this rank die with it (see processes.die_with_parent)."""
         print(f"kart_lightning: error: {rank_prefix()}{sentence}; the whole job stops ({RESUME_HINT}).",
               file=sys.stderr, flush=True)
+        if self.trainer is not None and self.trainer.global_rank == 0 and "failed:" in sentence:
+            # Under Lightning's launcher rank 0 holds the store: the other ranks read the failure
+            # there (every STORE_POLL_S) before it goes, or they would name rank 0 instead.
+            time.sleep(2 * Watch.STORE_POLL_S + self.poll_s)
         for logger in getattr(self.trainer, "loggers", []):
             with contextlib.suppress(Exception):  # best effort on the way out
                 logger.save()
@@ -232,6 +287,9 @@ class RankWatch(Callback):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._finish()
+        if self.previous_handler is not None:
+            signal.signal(signal.SIGINT, self.previous_handler)
+            self.previous_handler = None
 
     def _finish(self) -> None:
         if self.watch is not None:

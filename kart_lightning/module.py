@@ -16,6 +16,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.aggregation import RunningMean
 
+from kart_lightning.distributed import stop_requested
 from kart_lightning.errors import ConfigError
 from kart_lightning.evaluation import format_table, scalar_metrics, summarize
 from kart_lightning.losses import vtrace
@@ -34,6 +35,19 @@ def clip_rewards(rewards: torch.Tensor, mode: str) -> torch.Tensor:
     return rewards
 
 
+def no_other_ranks() -> bool:
+    return False
+
+
+def running_mean(window: int) -> RunningMean:
+    """The mean of the last `window` values, of this process alone: with several ranks the values
+    are already the job's (gathered in ImpalaModule._job_step), so the metric must not gather
+    them again (it would, at every compute, and on NCCL fail on its CPU states)."""
+    mean = RunningMean(window=window, nan_strategy="ignore", distributed_available_fn=no_other_ranks)
+    mean.distributed_available_fn = no_other_ranks  # the window wrapper's own states
+    return mean
+
+
 @dataclass
 class JobStep:
     """What one learner step adds up to across all ranks (with one rank, this rank's own)."""
@@ -44,6 +58,8 @@ class JobStep:
     """Each `episode_KEY` field's values for the episodes that ended in the fresh unrolls."""
     ranks: list[tuple[float, float]]
     """Per rank: its own env frames/s and policy lag (empty with one rank)."""
+    stop: bool = False
+    """Ctrl-C reached some rank: every rank stops after this step (several ranks only)."""
 
 
 class ImpalaModule(LightningModule):
@@ -200,6 +216,8 @@ class ImpalaModule(LightningModule):
         job = self._job_step(batch)
         # Every rank adds the same sum, so the budget, the lr schedule and the stop agree.
         self.env_frames += job.env_frames
+        if job.stop:
+            self.trainer.should_stop = True
         self._log_training(batch, losses, job)
         return losses["loss"]
 
@@ -232,8 +250,8 @@ class ImpalaModule(LightningModule):
             scheduler.base_lrs = [rate] * len(scheduler.base_lrs)
 
     def _job_step(self, batch: dict[str, torch.Tensor]) -> JobStep:
-        """This rank's fresh frames, finished episodes, frames/s and policy lag, gathered from
-        every rank when there are several (one small all_gather per step)."""
+        """This rank's fresh frames, finished episodes, frames/s, policy lag and Ctrl-C request,
+        gathered from every rank when there are several (one small all_gather per step)."""
         fresh = self._fresh(batch)
         finished = batch["done"][1:] & ~torch.isnan(batch["episode_return"][1:]) & fresh  # [T, B]
         names = sorted(name for name in batch if name.startswith("episode_"))
@@ -245,18 +263,20 @@ class ImpalaModule(LightningModule):
         lag = float(self.global_step - batch["policy_version"].float()[fresh].mean())
         if self.world_size == 1:
             return JobStep(batch["env_frames"], {name: values[i][finished] for i, name in enumerate(names)}, [])
-        head = torch.tensor([batch["env_frames"], frames_per_s, lag], dtype=torch.float64, device=values.device)
+        head = torch.tensor([batch["env_frames"], frames_per_s, lag, stop_requested()],
+                            dtype=torch.float64, device=values.device)
         row = torch.cat([head, finished.double().flatten(), values.flatten()])
         rows = [torch.empty_like(row) for _ in range(self.world_size)]
         dist.all_gather(rows, row)
         rows = torch.stack(rows)  # [N, ...]: one row per rank
         cells = finished.numel()
-        finished_all = rows[:, 3:3 + cells].bool()
-        values_all = rows[:, 3 + cells:].reshape(rows.shape[0], len(names), cells)
+        finished_all = rows[:, 4:4 + cells].bool()
+        values_all = rows[:, 4 + cells:].reshape(rows.shape[0], len(names), cells)
         return JobStep(
             env_frames=int(rows[:, 0].sum()),
             episodes={name: values_all[:, i][finished_all] for i, name in enumerate(names)},
             ranks=[(float(row[1]), float(row[2])) for row in rows],
+            stop=bool(rows[:, 3].any()),
         )
 
     @staticmethod
@@ -311,7 +331,7 @@ class ImpalaModule(LightningModule):
             values = values[~torch.isnan(values)]
             if values.numel():
                 if name not in self.episode_means:
-                    self.episode_means[name] = RunningMean(window=self.hparams.return_window, nan_strategy="ignore")
+                    self.episode_means[name] = running_mean(self.hparams.return_window)
                 for value in values.tolist():
                     self.episode_means[name].update(value)
         for name, mean in self.episode_means.items():

@@ -2,6 +2,7 @@
 (Lightning's launcher, and torchrun as two "nodes" on this host), each with its own actor pool.
 Each rank writes what it did through tests/helpers/rank_report.py (minutes: marked slow)."""
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -96,7 +98,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_two_nodes_through_torchrun_agree_on_the_step_count(tmp_path):
+def test_two_nodes_through_torchrun_agree_on_the_step_count(tmp_path, jobs):
     port = free_port()
     nodes = [
         subprocess.Popen(
@@ -104,10 +106,11 @@ def test_two_nodes_through_torchrun_agree_on_the_step_count(tmp_path):
              "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
              "-m", "kart_lightning", *fit_args(tmp_path, 12_800, "--trainer.strategy", "ddp",
                                                "--trainer.num_nodes", "2", "--trainer.devices", "1")],
-            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         )
         for node in (0, 1)
     ]
+    jobs.extend(nodes)
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     ranks = reports(tmp_path, 2)
@@ -116,13 +119,26 @@ def test_two_nodes_through_torchrun_agree_on_the_step_count(tmp_path):
     assert ranks[0]["env_frames"] == 12_800 and ranks[0]["weights"] == ranks[1]["weights"]
 
 
-def start_two_ranks(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, list[dict]]:
+@pytest.fixture
+def jobs() -> Iterator[list[subprocess.Popen]]:
+    """Jobs started in sessions of their own: whatever of them a failed test leaves is killed."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for job in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+
+
+def start_two_ranks(tmp_path: Path, jobs: list, *extra: str) -> tuple[subprocess.Popen, list[dict]]:
     """A 2-rank fit with no end in sight, once both ranks train (their started reports)."""
     job = subprocess.Popen(
         [sys.executable, "-m", "kart_lightning", *fit_args(tmp_path, 10**9, "--trainer.strategy", "ddp",
                                                           "--trainer.devices", "2", *extra)],
-        cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        # As from a terminal: a test run started in the background passes on an ignored SIGINT.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 - no threads at fork
     )  # fmt: skip
+    jobs.append(job)
     deadline = time.monotonic() + 180
     started = [tmp_path / "ranks" / f"rank-{rank}-started.json" for rank in (0, 1)]
     while not all(path.exists() for path in started):
@@ -154,8 +170,8 @@ def still_running(processes: list[psutil.Process]) -> list[str]:
 
 
 @pytest.mark.parametrize("killed", [1, 0])
-def test_a_rank_killed_ends_the_job_in_bounded_time_naming_it_with_no_process_left(tmp_path, killed):
-    job, started = start_two_ranks(tmp_path)
+def test_a_rank_killed_ends_the_job_in_bounded_time_naming_it_with_no_process_left(tmp_path, jobs, killed):
+    job, started = start_two_ranks(tmp_path, jobs)
     processes = tree(job.pid)
     assert len(processes) >= 4  # 2 ranks, an actor each, and the resource trackers
     os.kill(started[killed]["pid"], signal.SIGKILL)
@@ -183,9 +199,9 @@ def actors_of(pid: int) -> list[psutil.Process]:
     return actors
 
 
-def test_a_rank_whose_actors_all_die_ends_the_job_naming_it(tmp_path):
+def test_a_rank_whose_actors_all_die_ends_the_job_naming_it(tmp_path, jobs):
     # One failure in a row is enough: the actor killed twice, the second time before its first unroll.
-    job, started = start_two_ranks(tmp_path, "--data.max_actor_failures", "1")
+    job, started = start_two_ranks(tmp_path, jobs, "--data.max_actor_failures", "1")
     processes = tree(job.pid)
     rank1 = started[1]["pid"]
     first = actors_of(rank1)
@@ -205,4 +221,20 @@ def test_a_rank_whose_actors_all_die_ends_the_job_naming_it(tmp_path):
     assert "kart_lightning: error: rank 1: actor 0 died 1 times in a row" in stderr, stderr[-3000:]
     assert "kart_lightning: error: rank 0: rank 1 failed: actor 0 died" in stderr
     assert job.returncode != 0
+    assert still_running(processes) == []
+
+
+def test_ctrl_c_stops_every_rank_after_the_same_step_and_saves_last(tmp_path, jobs):
+    job, _started = start_two_ranks(tmp_path, jobs)
+    processes = tree(job.pid)
+    os.killpg(job.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: every rank, actor and worker
+    stderr = ended(job, processes)
+    assert job.returncode == 0, stderr[-3000:]
+    assert "Ctrl-C: every rank stops after this step and saves last.ckpt" in stderr
+    assert "Traceback" not in stderr
+    ranks = reports(tmp_path, 2)
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] > 0
+    saved = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert saved["global_step"] == ranks[0]["global_step"]
+    assert int(saved["state_dict"]["env_frames"]) == ranks[0]["env_frames"] == 2 * ranks[0]["own_frames"]
     assert still_running(processes) == []
