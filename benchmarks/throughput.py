@@ -206,11 +206,14 @@ class SteadyStateProbe(Callback):
         sample = (time.monotonic(), int(pl_module.env_frames), trainer.global_step)
         if self.first_batch_s is None:
             self.first_batch_s = sample[0]
-        if self.start is None:
-            if sample[0] - self.first_batch_s >= self.warmup_s:
-                self.start = sample
-        # Rank 0's clock decides for every rank: a rank that stopped alone would hang the others.
-        elif trainer.strategy.broadcast(sample[0] - self.start[0] >= self.seconds):
+        opens = self.start is None and sample[0] - self.first_batch_s >= self.warmup_s
+        closes = self.start is not None and sample[0] - self.start[0] >= self.seconds
+        # Rank 0's clock decides for every rank, at every step: ranks that opened or closed the
+        # window on different steps would call different collectives, or stop apart, and hang.
+        opens, closes = trainer.strategy.broadcast((opens, closes))
+        if opens:
+            self.start = sample
+        elif closes:
             self.end = sample
             trainer.should_stop = True
 
