@@ -51,6 +51,27 @@ def row(name: str, fit: dict, sampled: dict, greedy: dict) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def learning_curve(run: Path, points: int = 200) -> dict[str, dict[str, list[float]]]:
+    """The run's learning curves, kept in the row's JSON (run folders are not kept): for the
+    training means and the held-out evaluations of checkpoints and laps per episode, the values
+    with their env frames (millions) and minutes of training, thinned to about `points` each."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from curve import at_steps, series, training_minutes
+
+    frames = series(run, "env_frames")
+    by_frames = {step: value / 1e6 for _, step, value in frames}
+    by_minutes = training_minutes(frames)
+    curves = {}
+    for tag in ("train/episode_checkpoints", "train/episode_laps", "val/episode_checkpoints", "val/episode_laps"):
+        values = series(run, tag)
+        values = values[:: max(1, len(values) // points)]
+        xs, ys = at_steps(values, by_frames)
+        minutes, _ = at_steps(values, by_minutes)
+        if ys:
+            curves[tag] = {"frames_m": xs, "minutes": minutes, "values": ys}
+    return curves
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", required=True)
@@ -78,7 +99,8 @@ def main() -> None:
     sampled = test(run, config, greedy=False, episodes=args.episodes)
     greedy = test(run, config, greedy=True, episodes=args.episodes)
     result = {"name": args.name, "config": args.config, "overrides": overrides, "fit": fit,
-              "sampled": sampled["tracks"], "greedy": greedy["tracks"], "row": row(args.name, fit, sampled, greedy)}
+              "sampled": sampled["tracks"], "greedy": greedy["tracks"], "row": row(args.name, fit, sampled, greedy),
+              "curve": learning_curve(run)}
     print(result["row"])
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -5,10 +5,12 @@ evaluation's `val/episode_KEY`), against env frames and against minutes of train
     python benchmarks/curve.py RUN_DIR [RUN_DIR ...] --key checkpoints --out docs/curve.png
 
 RUN_DIR is a run's folder (its `lightning_logs/version_*` are read, resumed parts joined in
-order); several draw one line each, labelled by folder name (or `--labels`).
+order), or the JSON of an ablation row (benchmarks/ablation.py keeps the curves there); several
+draw one line each, labelled by folder or file name (or `--labels`).
 """
 
 import argparse
+import json
 from pathlib import Path
 
 import matplotlib
@@ -60,9 +62,18 @@ def main() -> None:
     parser.add_argument("--title", default="")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    labels = args.labels or [run.name for run in args.runs]
+    labels = args.labels or [run.stem.removeprefix("ablation-") if run.suffix == ".json" else run.name
+                             for run in args.runs]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for run, label in zip(args.runs, labels):
+        if run.suffix == ".json":
+            curves = json.loads(run.read_text()).get("curve", {})
+            for tag, style, part in ((f"train/episode_{args.key}", "-", "training tracks"),
+                                     (f"val/episode_{args.key}", "o--", "held-out")):
+                if tag in curves:
+                    for axis, x in zip(axes, ("frames_m", "minutes")):
+                        axis.plot(curves[tag][x], curves[tag]["values"], style, label=f"{label}: {part}", markersize=4)
+            continue
         frames = series(run, "env_frames")
         if not frames:
             raise SystemExit(f"{run} holds no TensorBoard events with env_frames: pass a run folder of fit.")
