@@ -14,6 +14,12 @@ it, fill the disk while it saves. Not a test: it takes about 45 minutes and repo
   last.ckpt's learner step, env-frame counter, optimizer step count, lr-scheduler step and lr, and
   whether they agree with each other; the steps lost (trained but not in last.ckpt) against the
   checkpoint interval; and the step the next run starts from.
+- ranks: `fit` on CartPole with 2 DDP ranks (gloo, CPU), `--rank_faults` times, each ended by a
+  fault in turn: rank 1 SIGKILLed, rank 0 SIGKILLed, or every actor of rank 1 killed until it gives
+  up; each next run resumes the last with `--ckpt_path last`. Reports how long the job took to end
+  after the fault (until the last of its processes was gone), its exit code, the sentences it
+  printed and whether they named the lost rank, tracebacks, orphans, and the step each resume
+  started from against last.ckpt's.
 - disk: `fit` on CartPole saving into a small tmpfs (needs root to mount it), filled up once a
   checkpoint is there: the run must stop with one sentence, leave last.ckpt whole, and resume
   from it once there is space again.
@@ -36,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import gymnasium
@@ -114,15 +121,17 @@ def fit(args: list[str]) -> None:
 
         def on_train_start(self, trainer, pl_module) -> None:
             event = {"event": "start", "pid": os.getpid(), "time": time.time(), "step": trainer.global_step,
-                     "env_frames": int(pl_module.env_frames)}
+                     "env_frames": int(pl_module.env_frames), "rank": trainer.global_rank}
             with open(folder / "events.jsonl", "a") as file:
                 file.write(json.dumps(event) + "\n")
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            os.pwrite(self.step_file, f"{trainer.global_step:>12}".encode(), 0)
+            if trainer.is_global_zero:
+                os.pwrite(self.step_file, f"{trainer.global_step:>12}".encode(), 0)
 
     cli.TRAINER_DEFAULTS = {**cli.TRAINER_DEFAULTS, "callbacks": [Progress()]}
-    sys.argv = sys.argv[:1]  # the arguments go in as `args`, as LightningCLI asks
+    # sys.argv stays as it is: Lightning's DDP launcher starts the further ranks with it.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     cli.main(["fit", *args])
 
 
@@ -342,6 +351,86 @@ def trainer_part(work: Path, args) -> dict:
     }
 
 
+RANK_FAULTS = ("kill rank 1", "kill rank 0", "actors of rank 1 die")
+
+
+def kill_actors_until_failed(learner: psutil.Process, deadline: float) -> None:
+    """SIGKILL every actor of `learner` as soon as it appears, until the learner is gone."""
+    while time.monotonic() < deadline and learner.is_running() and learner.status() != psutil.STATUS_ZOMBIE:
+        for child in learner.children():
+            try:
+                command = " ".join(child.cmdline())
+            except psutil.Error:
+                continue
+            if "spawn_main" in command and "resource_tracker" not in command:
+                child.kill()
+        time.sleep(0.02)
+
+
+def ranks_part(work: Path, args) -> dict:
+    """End a 2-rank run by each fault in turn; time its end, read its sentences, count orphans."""
+    folder = work / "ranks"
+    prepare(folder)
+    checkpoints = folder / "checkpoints"
+    fit_args = ["--config", "configs/cartpole.yaml", "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp",
+                "--trainer.devices", "2", "--data.num_actors", "1", "--model.max_frames", str(10**9),
+                "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(folder),
+                "--checkpoint.dirpath", str(checkpoints), "--checkpoint.every_n_train_steps", "50",
+                "--data.max_actor_failures", "1"]
+    rng = random.Random(args.seed)
+    rows = []
+    saved_step = 0  # what the next run should resume from
+    for trial in range(args.rank_faults):
+        fault = RANK_FAULTS[trial % len(RANK_FAULTS)]
+        resume = ["--ckpt_path", "last"] if trial else []
+        before = len(starts(folder))
+        log = folder / f"fit-{trial}.log"
+        process = start_fit(folder, [*fit_args, *resume], log)
+        ranks = {event["rank"]: event for event in
+                 [next_start(folder, before), next_start(folder, before + 1)]}
+        time.sleep(rng.uniform(5, 20))
+        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+        faulted = time.monotonic()
+        if fault == "actors of rank 1 die":
+            kill_actors_until_failed(psutil.Process(ranks[1]["pid"]), faulted + 120)
+        else:
+            os.kill(ranks[int(fault[-1])]["pid"], signal.SIGKILL)
+        gone, alive = psutil.wait_procs(tree, timeout=args.rank_bound_s * 2)
+        alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+        ended_s = time.monotonic() - faulted
+        for child in alive:
+            child.kill()
+        # psutil reaped the job's first process, so its exit code is psutil's to tell.
+        exit_code = next((p.returncode for p in gone if p.pid == process.pid), None)
+        text = log.read_text(errors="replace")
+        sentences = [line for line in text.splitlines() if line.startswith("kart_lightning: error:")]
+        lost = "1" if fault != "kill rank 0" else "0"
+        row = {"trial": trial, "fault": fault, "ended_s": round(ended_s, 2), "exit_code": exit_code,
+               "sentences": sentences, "named": any(f"rank {lost} " in s or f"rank {lost}:" in s for s in sentences),
+               "traceback": "Traceback" in text, "processes": len(tree), "orphans": len(alive),
+               "resumed_step": ranks[0]["step"], "last_ckpt_step": saved_step,
+               "resumed_as_saved": ranks[0]["step"] == saved_step and ranks[1]["step"] == saved_step}
+        if (checkpoints / "last.ckpt").is_file():
+            saved_step = read_state(checkpoints / "last.ckpt")["step"]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    summary = {}
+    for fault in RANK_FAULTS:
+        mine = [row for row in rows if row["fault"] == fault]
+        if mine:
+            summary[fault] = {
+                "trials": len(mine), "ended_within_bound": sum(row["ended_s"] <= args.rank_bound_s for row in mine),
+                "max_ended_s": max(row["ended_s"] for row in mine),
+                "median_ended_s": statistics.median(row["ended_s"] for row in mine),
+                "named_the_rank": sum(row["named"] for row in mine),
+                "tracebacks": sum(row["traceback"] for row in mine),
+                "orphans": sum(row["orphans"] for row in mine),
+            }
+    return {"config": "configs/cartpole.yaml, 2 ranks (gloo) of 1 actor each", "bound_s": args.rank_bound_s,
+            "faults": summary, "resumed_as_saved": sum(row["resumed_as_saved"] for row in rows[1:]),
+            "resumes": len(rows) - 1, "rows": rows}
+
+
 def disk_part(work: Path, args) -> dict:
     """Fill the checkpoint folder's file system while the run saves into it."""
     folder = work / "disk"
@@ -408,6 +497,8 @@ def main() -> None:
     parser.add_argument("--trainer_kills", type=int, default=20)
     parser.add_argument("--checkpoint_every", type=int, default=100, help="trainer, disk: steps between checkpoints")
     parser.add_argument("--disk_mib", type=int, default=8)
+    parser.add_argument("--rank_faults", type=int, default=9, help="ranks: runs, each ended by a fault")
+    parser.add_argument("--rank_bound_s", type=float, default=60.0, help="ranks: the time a job may take to end")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work_dir", help="keep the runs' logs and checkpoints here (default: a temporary folder)")
     parser.add_argument("--out", help="write the results as JSON")
@@ -415,7 +506,7 @@ def main() -> None:
     # A shell's background job ignores SIGINT, and so would the runs it starts: they get Ctrl-C back
     # (a handled signal is reset to its default in a child).
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    parts = {"actors": actors_part, "trainer": trainer_part, "disk": disk_part}
+    parts = {"actors": actors_part, "trainer": trainer_part, "ranks": ranks_part, "disk": disk_part}
     unknown = set(args.parts.split(",")) - set(parts)
     if unknown:
         parser.error(f"unknown part(s) {', '.join(sorted(unknown))}: choose from {', '.join(parts)}")

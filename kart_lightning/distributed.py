@@ -316,4 +316,9 @@ def is_collective_failure(exception: BaseException) -> bool:
 
 
 def first_line(text: str) -> str:
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+    """The first line of an error message, less a trailing clause that introduces the lines after
+    it (`...; last error:`)."""
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if line.endswith(":") and "; " in line:
+        line = line.rsplit("; ", 1)[0]
+    return line

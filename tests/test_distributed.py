@@ -218,8 +218,9 @@ def test_a_rank_whose_actors_all_die_ends_the_job_naming_it(tmp_path, jobs):
     killed_at = time.monotonic()
     stderr = ended(job, processes)
     assert time.monotonic() - killed_at < LOSS_BOUND_S
-    assert "kart_lightning: error: rank 1: actor 0 died 1 times in a row" in stderr, stderr[-3000:]
-    assert "kart_lightning: error: rank 0: rank 1 failed: actor 0 died" in stderr
+    assert "kart_lightning: error: rank 1: actor 0 died 1 time in a row" in stderr, stderr[-3000:]
+    assert "kart_lightning: error: rank 0: rank 1 failed: actor 0 died 1 time in a row before finishing an unroll " \
+           "(exit code -9); the whole job stops" in stderr
     assert job.returncode != 0
     assert still_running(processes) == []
 

@@ -193,8 +193,8 @@ class ActorPool:
             self.failures[index] = 0 if finished_unrolls else self.failures[index] + 1
             if self.failures[index] >= self.max_actor_failures:
                 raise ActorFailed(
-                    f"actor {index} died {self.failures[index]} times in a row before finishing an "
-                    f"unroll (exit code {process.exitcode}); last error:\n"
+                    f"actor {index} died {self.failures[index]} time{'s' if self.failures[index] > 1 else ''} in a row "
+                    f"before finishing an unroll (exit code {process.exitcode}); last error:\n"
                     f"{self.last_errors.get(index, 'none reported (killed by a signal?)')}"
                 )
             recycled = self.board.recycle(index)
