@@ -144,7 +144,7 @@ def start_two_ranks(tmp_path: Path, jobs: list, *extra: str) -> tuple[subprocess
     while not all(path.exists() for path in started):
         assert job.poll() is None and time.monotonic() < deadline, job.stderr.read()[-3000:]
         time.sleep(0.5)
-    time.sleep(5)  # some learner steps
+    time.sleep(2)  # some learner steps
     return job, [json.loads(path.read_text()) for path in started]
 
 
