@@ -140,9 +140,11 @@ def _last_step(trainer: Trainer) -> bool:
 class _PeriodicPolicyCallback(Callback):
     """Sends a job every `every_n_steps` learner steps and/or `every_minutes`, and handles replies."""
 
-    def __init__(self, name: str, every_n_steps: int | None, every_minutes: float | None, final_wait_s: float) -> None:
+    def __init__(
+        self, name: str, key: str, every_n_steps: int | None, every_minutes: float | None, final_wait_s: float
+    ) -> None:
         if every_n_steps is not None and every_n_steps < 1:
-            raise ValueError(f"{name}: every_n_steps must be at least 1 (or null for never), not {every_n_steps}.")
+            raise ConfigError(f"{key}.every_n_steps is {every_n_steps}: set it to 1 or more, or null for never.")
         self.every_n_steps = every_n_steps
         self.every_minutes = every_minutes
         self.final_wait_s = final_wait_s
@@ -250,7 +252,7 @@ class HeldOutEvaluation(_PeriodicPolicyCallback):
         mode: Literal["max", "min"] = "max",
         final_wait_s: float = 120.0,
     ) -> None:
-        super().__init__("held-out evaluation", every_n_steps, every_minutes, final_wait_s)
+        super().__init__("held-out evaluation", "evaluation", every_n_steps, every_minutes, final_wait_s)
         if not monitor.startswith("val/"):
             raise ConfigError(
                 f"evaluation.monitor is {monitor}, which the held-out evaluation does not compute: name one of "
@@ -368,7 +370,7 @@ class EpisodeRecorder(_PeriodicPolicyCallback):
         seed: int = 1_000_000,
         final_wait_s: float = 300.0,
     ) -> None:
-        super().__init__("episode recorder", every_n_steps, every_minutes, final_wait_s)
+        super().__init__("episode recorder", "recorder", every_n_steps, every_minutes, final_wait_s)
         self.track = track
         self.options = RecordOptions(fps=fps, max_frames=max_frames, greedy=greedy, seed=seed)
 

@@ -18,10 +18,11 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
+
+from kart_lightning.errors import ConfigError
 
 PREFIX = "kart_lightning/watch"
 RESUME_HINT = "resume with --ckpt_path last once every rank can run"
@@ -231,8 +232,9 @@ class RankWatch(Callback):
     """
 
     def __init__(self, silent_timeout_s: float = 30.0, poll_s: float = 0.2) -> None:
-        if silent_timeout_s <= 0 or poll_s <= 0:
-            raise ValueError("ranks.silent_timeout_s and ranks.poll_s must be positive.")
+        for option, value in (("silent_timeout_s", silent_timeout_s), ("poll_s", poll_s)):
+            if value <= 0:
+                raise ConfigError(f"ranks.{option} is {value:g}: set it to a number of seconds above 0.")
         self.silent_timeout_s, self.poll_s = silent_timeout_s, poll_s
         self.watch: Watch | None = None
         self.trainer: Trainer | None = None
@@ -295,9 +297,6 @@ class RankWatch(Callback):
         if self.watch is not None:
             self.watch.finish()
             self.watch = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
 
 
 def is_collective_failure(exception: BaseException) -> bool:

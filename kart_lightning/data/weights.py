@@ -10,6 +10,8 @@ from collections.abc import Mapping
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from kart_lightning.errors import ConfigError
+
 
 class SharedWeights:
     """The latest policy weights in shared memory, with a version (the learner step that made them).
@@ -66,7 +68,7 @@ class WeightPublisher(Callback):
 
     def __init__(self, every_n_steps: int = 1) -> None:
         if every_n_steps < 1:
-            raise ValueError(f"weights.every_n_steps must be at least 1, not {every_n_steps}.")
+            raise ConfigError(f"weights.every_n_steps is {every_n_steps}: set it to 1 or more.")
         self.every_n_steps = every_n_steps
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
