@@ -255,17 +255,19 @@ class ImpalaModule(LightningModule):
         fresh = self._fresh(batch)
         finished = batch["done"][1:] & ~torch.isnan(batch["episode_return"][1:]) & fresh  # [T, B]
         names = sorted(name for name in batch if name.startswith("episode_"))
+        if self.world_size == 1:
+            return JobStep(batch["env_frames"], {name: batch[name][1:][finished] for name in names}, [])
         values = torch.stack([batch[name][1:].double() for name in names])  # [K, T, B]
         self._rank_frames += batch["env_frames"]
         self._rank_throughput.append((time.monotonic(), self._rank_frames))
         (t0, f0), (t1, f1) = self._rank_throughput[0], self._rank_throughput[-1]
         frames_per_s = (f1 - f0) / (t1 - t0) if t1 > t0 else math.nan
         lag = float(self.global_step - batch["policy_version"].float()[fresh].mean())
-        if self.world_size == 1:
-            return JobStep(batch["env_frames"], {name: values[i][finished] for i, name in enumerate(names)}, [])
         head = torch.tensor([batch["env_frames"], frames_per_s, lag, stop_requested()],
                             dtype=torch.float64, device=values.device)
         row = torch.cat([head, finished.double().flatten(), values.flatten()])
+        # torch's all_gather, not LightningModule.all_gather: that one goes through
+        # torch.distributed.nn.functional.all_gather, which torch 2.13 warns is deprecated.
         rows = [torch.empty_like(row) for _ in range(self.world_size)]
         dist.all_gather(rows, row)
         rows = torch.stack(rows)  # [N, ...]: one row per rank
