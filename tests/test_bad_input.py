@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -130,9 +131,22 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("command, args, says", CASES, ids=[f"{c}-{i}" for i, (c, _, _) in enumerate(CASES)])
-def test_a_wrong_file_or_value_ends_in_one_sentence_and_exit_code_2(command, args, says, files, kart):
-    result = kart(command, *(arg.format(**files) for arg in args), check=False, timeout_s=180)
+@pytest.fixture(scope="module")
+def outcomes(files, kart) -> list[subprocess.CompletedProcess]:
+    """Every case's run, two at a time: each is a fresh interpreter that spends most of its few
+    seconds importing torch and Lightning on one core, and the cases share no file they write."""
+    def run(case: tuple[str, list[str], str]) -> subprocess.CompletedProcess:
+        command, args, _ = case
+        return kart(command, *(arg.format(**files) for arg in args), check=False, timeout_s=180)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(run, CASES))
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{c}-{i}" for i, (c, _, _) in enumerate(CASES)])
+def test_a_wrong_file_or_value_ends_in_one_sentence_and_exit_code_2(case, outcomes, files):
+    _command, _args, says = CASES[case]
+    result = outcomes[case]
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     last_line = result.stderr.strip().splitlines()[-1]
