@@ -141,10 +141,13 @@ class _PeriodicPolicyCallback(Callback):
     """Sends a job every `every_n_steps` learner steps and/or `every_minutes`, and handles replies."""
 
     def __init__(
-        self, name: str, key: str, every_n_steps: int | None, every_minutes: float | None, final_wait_s: float
+        self, name: str, section: str, every_n_steps: int | None, every_minutes: float | None, final_wait_s: float
     ) -> None:
+        """`name` is the worker's, for its messages; `section` the config's (`evaluation`, `recorder`)."""
         if every_n_steps is not None and every_n_steps < 1:
-            raise ConfigError(f"{key}.every_n_steps is {every_n_steps}: set it to 1 or more, or null for never.")
+            raise ConfigError(f"{section}.every_n_steps is {every_n_steps}: set it to 1 or more, or null for never.")
+        if every_minutes is not None and every_minutes <= 0:
+            raise ConfigError(f"{section}.every_minutes is {every_minutes:g}: set it above 0, or null for never.")
         self.every_n_steps = every_n_steps
         self.every_minutes = every_minutes
         self.final_wait_s = final_wait_s

@@ -109,6 +109,7 @@ CASES = [
     ("fit", [*CARTPOLE, "--ranks.silent_timeout_s", "0"], "ranks.silent_timeout_s is 0: set it to a number of seconds"),
     ("fit", [*CARTPOLE, "--evaluation.every_n_steps", "0"], "evaluation.every_n_steps is 0: set it to 1 or more"),
     ("fit", [*CARTPOLE, "--weights.every_n_steps", "0"], "weights.every_n_steps is 0: set it to 1 or more"),
+    ("fit", [*CARTPOLE, "--recorder.every_minutes", "0"], "recorder.every_minutes is 0: set it above 0"),
     ("fit", [*CARTPOLE, "--ckpt_path", "best"], "the best on the held-out tracks is best.ckpt"),
     # fit and test: files that are not our checkpoints
     ("fit", [*CARTPOLE, "--ckpt_path", "no/such.ckpt"], "checkpoint no/such.ckpt does not exist"),
@@ -132,12 +133,15 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def outcomes(files, kart) -> list[subprocess.CompletedProcess]:
+def outcomes(files, kart) -> list[subprocess.CompletedProcess | subprocess.TimeoutExpired]:
     """Every case's run, two at a time: each is a fresh interpreter that spends most of its few
     seconds importing torch and Lightning on one core, and the cases share no file they write."""
-    def run(case: tuple[str, list[str], str]) -> subprocess.CompletedProcess:
+    def run(case: tuple[str, list[str], str]) -> subprocess.CompletedProcess | subprocess.TimeoutExpired:
         command, args, _ = case
-        return kart(command, *(arg.format(**files) for arg in args), check=False, timeout_s=180)
+        try:
+            return kart(command, *(arg.format(**files) for arg in args), check=False, timeout_s=180)
+        except subprocess.TimeoutExpired as hung:  # fails its own case, not every case
+            return hung
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         return list(pool.map(run, CASES))
@@ -147,6 +151,8 @@ def outcomes(files, kart) -> list[subprocess.CompletedProcess]:
 def test_a_wrong_file_or_value_ends_in_one_sentence_and_exit_code_2(case, outcomes, files):
     _command, _args, says = CASES[case]
     result = outcomes[case]
+    if isinstance(result, subprocess.TimeoutExpired):
+        raise result
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     last_line = result.stderr.strip().splitlines()[-1]
