@@ -17,6 +17,7 @@ import json
 import os
 import pickle
 import re
+import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from kart_lightning.envs import EnvConfig, find_family, registered_families
 from kart_lightning.errors import ConfigError, SaveFailed
@@ -270,7 +272,9 @@ class CheckpointFiles(Callback):
     """Makes fit's checkpoint files complete: writes them through PolicyCheckpointIO (atomically,
     each with its TorchScript policy beside it), and saves `last.ckpt` whenever fit ends (the frame
     budget, max_time, Ctrl-C), not only at ModelCheckpoint's interval, so a stopped run loses no
-    learner steps. Other exceptions leave the last good `last.ckpt` as it is.
+    learner steps. SIGTERM (a scheduler's stop, torchrun's restart, `kill`) is such an end too:
+    Lightning ends fit after the step under way, and last.ckpt holds it. Other exceptions leave
+    the last good `last.ckpt` as it is.
 
     Args:
         export_policy: write `NAME.policy.pt`, the policy alone as TorchScript, beside each `NAME.ckpt`.
@@ -301,6 +305,11 @@ class CheckpointFiles(Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt):  # Ctrl-C: the user chose to stop here
             self.save_last(trainer)
+        elif isinstance(exception, SIGTERMException):  # raised between two steps, on every rank
+            self.save_last(trainer)
+            if trainer.is_global_zero:
+                print(f"kart_lightning: SIGTERM: fit stopped after step {trainer.global_step} and saved last.ckpt "
+                      "(resume with --ckpt_path last).", file=sys.stderr, flush=True)
 
     def save_last(self, trainer: Trainer) -> None:
         """Save `last.ckpt` in each ModelCheckpoint's folder that keeps one, unless it holds this step."""

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from kart_lightning.errors import ConfigError
 
@@ -278,7 +279,7 @@ class RankWatch(Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if self.watch is None:
             return
-        if isinstance(exception, KeyboardInterrupt):  # every rank got Ctrl-C: none is lost
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):  # every rank stops: none is lost
             self._finish()
             return
         if is_collective_failure(exception):

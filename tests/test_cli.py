@@ -85,6 +85,37 @@ def learning_rates(run_dir: Path) -> dict:
     return {scalar.step: scalar.value for scalar in accumulator.Scalars("learning_rate")}
 
 
+def test_a_run_over_several_states_logs_episode_statistics_per_state(tmp_path, kart):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from kart_lightning.envs import EnvConfig, make_env
+
+    env = make_env(EnvConfig(id="Airstriker-Genesis-v0", noop_max=0))
+    try:
+        env.reset(seed=0)
+        for _ in range(100):
+            env.step(1)
+        later = tmp_path / "later.state"
+        with gzip.open(later, "wb") as file:
+            file.write(env.unwrapped.em.get_state())
+    finally:
+        env.close()
+    # Airstriker with a 25-step time limit: every episode is 25 agent steps, on either state.
+    kart("fit", "--config", "configs/quickstart.yaml", "--data.env.retro_state", f"[Level1, {later}]",
+         "--data.env.max_episode_steps", "25", "--model.max_frames", str(8 * 2560),
+         "--checkpoint.dirpath", str(tmp_path / "checkpoints"), "--trainer.default_root_dir", str(tmp_path),
+         "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1")
+    (events,) = tmp_path.glob("lightning_logs/version_*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    last = {tag: accumulator.Scalars(tag)[-1].value for tag in accumulator.Tags()["scalars"]}
+    for state in ("Level1", "later"):
+        assert last[f"train/{state}/episode_length"] == 25
+        assert last[f"train/{state}/frame_share"] == pytest.approx(0.5)
+        assert f"train/{state}/episode_return" in last
+    assert last["train/episode_length"] == 25 and "train/episode_state" not in last
+
+
 def test_test_subcommand_plays_held_out_episodes_from_a_checkpoint(trained, kart):
     result = kart("test", "--config", "configs/cartpole.yaml",
                   "--ckpt_path", str(trained / "checkpoints" / "last.ckpt"),
@@ -119,7 +150,8 @@ def actor_children(process: psutil.Process) -> list:
     return children
 
 
-def test_ctrl_c_stops_fit_saves_last_and_leaves_no_actor_process(tmp_path):
+@pytest.mark.parametrize("stop", ["ctrl_c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_fit_saves_last_and_leaves_no_actor_process(stop, tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "kart_lightning", "fit", *cartpole_args(tmp_path, 10**9),
          "--checkpoint.every_n_train_steps", str(10**9)],
@@ -135,16 +167,31 @@ def test_ctrl_c_stops_fit_saves_last_and_leaves_no_actor_process(tmp_path):
     actors = actor_children(parent)
     assert len(actors) == 2, "the actors never started"
     time.sleep(15)  # let training run
-    os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
+    if stop == "ctrl_c":
+        os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
+    else:
+        process.send_signal(signal.SIGTERM)  # what `kill`, a scheduler or torchrun does: the trainer
     process.wait(timeout=60)
     _gone, alive = psutil.wait_procs(actors, timeout=10)
     assert alive == []
-    assert "KeyboardInterrupt" in process.stderr.read()
+    stderr = process.stderr.read()
     # The steps taken are kept, though no checkpoint interval was reached.
     last = load(tmp_path / "checkpoints" / "last.ckpt")
     assert last["global_step"] > 0 and (tmp_path / "checkpoints" / "last.policy.pt").is_file()
-    # Ctrl-C may land inside a learner step, after its frames were counted.
-    assert 0 <= int(last["state_dict"]["env_frames"]) - last["global_step"] * FRAMES_PER_STEP <= FRAMES_PER_STEP
+    frames_past_last_step = int(last["state_dict"]["env_frames"]) - last["global_step"] * FRAMES_PER_STEP
+    if stop == "ctrl_c":
+        assert "KeyboardInterrupt" in stderr
+        # Ctrl-C may land inside a learner step, after its frames were counted.
+        assert 0 <= frames_past_last_step <= FRAMES_PER_STEP
+    else:
+        # Lightning ends fit between two steps; one sentence says so, no notice or traceback.
+        assert frames_past_last_step == 0
+        assert process.returncode == 0, stderr
+        assert stderr.strip().splitlines()[-1] == (
+            f"kart_lightning: SIGTERM: fit stopped after step {last['global_step']} and saved last.ckpt "
+            "(resume with --ckpt_path last)."
+        ), stderr
+        assert "Received SIGTERM" not in stderr and "Traceback" not in stderr
 
 
 def test_fit_with_no_config_runs_the_quickstart_settings(kart):
