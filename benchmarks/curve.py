@@ -6,7 +6,8 @@ evaluation's `val/episode_KEY`), against env frames and against minutes of train
 
 RUN_DIR is a run's folder (its `lightning_logs/version_*` are read, resumed parts joined in
 order), or the JSON of an ablation row (benchmarks/ablation.py keeps the curves there); several
-draw one line each, labelled by folder or file name (or `--labels`).
+draw one line each, labelled by folder or file name (or `--labels`). `--per_state` adds a dotted
+line for each training state (track) the envs play in turn (`train/STATE/episode_KEY`).
 """
 
 import argparse
@@ -29,6 +30,29 @@ def series(run: Path, tag: str) -> list[tuple[float, int, float]]:
         if tag in accumulator.Tags()["scalars"]:
             rows += [(event.wall_time, event.step, event.value) for event in accumulator.Scalars(tag)]
     return sorted(rows)
+
+
+def scalar_tags(run: Path) -> set[str]:
+    """Every scalar tag in the events files under `run`."""
+    tags = set()
+    for events in sorted(run.rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={SCALARS: 1})
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    return tags
+
+
+def state_tags(tags: set[str], name: str) -> list[str]:
+    """The per-state tags `train/STATE/NAME` among `tags`, by state."""
+    return sorted(tag for tag in tags if tag.startswith("train/") and tag.count("/") == 2 and tag.endswith(f"/{name}"))
+
+
+def lines(tags: set[str], key: str, per_state: bool) -> list[tuple[str, str, str]]:
+    """(tag, style, what) of each line to draw for episode statistic `key`."""
+    drawn = [(f"train/episode_{key}", "-", "training tracks")]
+    if per_state:
+        drawn += [(tag, ":", tag.split("/")[1]) for tag in state_tags(tags, f"episode_{key}")]
+    return [*drawn, (f"val/episode_{key}", "o--", "held-out")]
 
 
 def training_minutes(frames: list[tuple[float, int, float]]) -> dict[int, float]:
@@ -58,6 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--key", default="checkpoints", help="episode statistic: return, checkpoints, laps, ...")
+    parser.add_argument("--per_state", action="store_true", help="a line per training state (track) too")
     parser.add_argument("--labels", nargs="*")
     parser.add_argument("--title", default="")
     parser.add_argument("--out", type=Path, required=True)
@@ -68,8 +93,7 @@ def main() -> None:
     for run, label in zip(args.runs, labels):
         if run.suffix == ".json":
             curves = json.loads(run.read_text()).get("curve", {})
-            for tag, style, part in ((f"train/episode_{args.key}", "-", "training tracks"),
-                                     (f"val/episode_{args.key}", "o--", "held-out")):
+            for tag, style, part in lines(set(curves), args.key, args.per_state):
                 if tag in curves:
                     for axis, x in zip(axes, ("frames_m", "minutes")):
                         axis.plot(curves[tag][x], curves[tag]["values"], style, label=f"{label}: {part}", markersize=4)
@@ -79,8 +103,7 @@ def main() -> None:
             raise SystemExit(f"{run} holds no TensorBoard events with env_frames: pass a run folder of fit.")
         by_frames = {step: value / 1e6 for _, step, value in frames}
         by_minutes = training_minutes(frames)
-        for tag, style, part in ((f"train/episode_{args.key}", "-", "training tracks"),
-                                 (f"val/episode_{args.key}", "o--", "held-out")):
+        for tag, style, part in lines(scalar_tags(run) if args.per_state else set(), args.key, args.per_state):
             values = series(run, tag)
             if not values:
                 continue

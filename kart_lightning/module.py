@@ -329,17 +329,38 @@ class ImpalaModule(LightningModule):
 
         # Row 0 repeats the previous unroll's last row, so each finished episode counts once.
         self.episodes += int(job.episodes["episode_return"].numel())
-        for name, values in job.episodes.items():
-            values = values[~torch.isnan(values)]
-            if values.numel():
-                if name not in self.episode_means:
-                    self.episode_means[name] = running_mean(self.hparams.return_window)
-                for value in values.tolist():
-                    self.episode_means[name].update(value)
+        episodes = dict(job.episodes)
+        states = episodes.pop("episode_state", None)
+        for name, values in episodes.items():
+            self._update_mean(name, values)
+        state_names = getattr(self.trainer.datamodule, "rotated_states", [])
+        if states is not None and state_names:
+            # Per state too (the envs play them in turn): which track it learns, and where its frames go.
+            for index, state in enumerate(state_names):
+                mine = states == index
+                for name, values in episodes.items():
+                    self._update_mean(f"{state}/{name}", values[mine])
+            lengths = {state: self.episode_means[f"{state}/episode_length"].compute()
+                       for state in state_names if f"{state}/episode_length" in self.episode_means}
+            total = sum(lengths.values())
+            if len(lengths) == len(state_names) and total > 0:
+                # Every env plays each state in turn, so episodes are as many for each: the share of
+                # mean lengths is the share of env frames.
+                for state, length in lengths.items():
+                    self.log(f"train/{state}/frame_share", length / total, batch_size=batch_size)
         for name, mean in self.episode_means.items():
             self.log(f"train/{name}", mean.compute(), prog_bar=name == "episode_return", batch_size=batch_size)
         if self.episodes:
             self.log("episodes", float(self.episodes), batch_size=batch_size)
+
+    def _update_mean(self, name: str, values: torch.Tensor) -> None:
+        """Add the finished episodes' `values` (NaN: not reported) to the running mean of `name`."""
+        values = values[~torch.isnan(values)]
+        if values.numel():
+            if name not in self.episode_means:
+                self.episode_means[name] = running_mean(self.hparams.return_window)
+            for value in values.tolist():
+                self.episode_means[name].update(value)
 
     # validate and test: one whole episode per step (see EpisodeDataset), summed up per track.
 

@@ -137,14 +137,15 @@ def test_several_retro_states_are_played_in_turn_episode_after_episode(later_sta
     later, level1_start = later_state
     env = make_env(dataclasses.replace(AIRSTRIKER, retro_state=["Level1", str(later)]), env_index=1)
     try:
-        starts = []
+        starts, state_indices = [], []
         for _ in range(4):
             starts.append(env.reset(seed=0)[0])
-            env.step(0)
+            state_indices.append(env.step(0)[4]["state_index"])
         fifth = env.reset(seed=0)[0]
         assert np.array_equal(env.reset(seed=0)[0], fifth), "a reset with no step since is no new episode"
     finally:
         env.close()
+    assert state_indices == [1, 0, 1, 0], "each step says which state its episode started from"
     assert not np.array_equal(starts[0], level1_start), "env 1 starts from the list's second state"
     assert np.array_equal(starts[1], level1_start) and np.array_equal(starts[3], level1_start)
     assert np.array_equal(starts[0], starts[2]) and np.array_equal(starts[0], fifth)

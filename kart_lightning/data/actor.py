@@ -212,7 +212,7 @@ class EnvGroup:
             rewards[i] = float(reward)
             if "episode" in info:
                 stats = {"return": info["episode"]["r"], "length": info["episode"]["l"],
-                         **info.get("episode_extra_stats", {})}
+                         "state": info.get("state_index"), **info.get("episode_extra_stats", {})}
                 for name in self.stat_names:
                     if stats.get(name) is not None:
                         self.episode_stats[f"episode_{name}"][i] = float(stats[name])

@@ -16,7 +16,7 @@ from kart_lightning.data.dataset import EpisodeDataset, TrajectoryDataset
 from kart_lightning.data.pool import ActorPool
 from kart_lightning.data.replay import GIB, ReplayBuffer, ReplayConfig, split_batch
 from kart_lightning.data.slots import least_slots_per_env
-from kart_lightning.envs import EnvConfig, env_frames_per_step, find_family, make_env
+from kart_lightning.envs import EnvConfig, env_frames_per_step, find_family, make_env, retro_state_names
 from kart_lightning.errors import ConfigError
 
 # The quickstart game: ships with stable-retro, so `fit` runs on a fresh machine with no ROM.
@@ -125,6 +125,12 @@ class ImpalaDataModule(LightningDataModule):
             find_family(eval_env.id)
         self.extra_stats: Mapping[str, str] = family.extra_stats
         """The env family's episode extra stats and how each sums up (see envs.registry)."""
+        names = [os.path.basename(name).removesuffix(".state") for name in retro_state_names(env)]
+        if len(set(names)) < len(names):  # a state named twice: each its own line all the same
+            names = [f"{name}#{index}" for index, name in enumerate(names)]
+        self.rotated_states: list[str] = names if len(names) > 1 else []
+        """The states the training envs play in turn (stable-retro), named for the per-state episode
+        statistics (`train/STATE/episode_KEY`); empty with one state or none."""
         self.env = env
         # Evaluation plays whole games: a lost life does not end its episodes.
         self.eval_env = dataclasses.replace(eval_env or env, episodic_life=False)
@@ -173,7 +179,7 @@ class ImpalaDataModule(LightningDataModule):
                 device=device,
                 inference_batch_envs=hp.inference_batch_envs,
                 inference_timeout_s=hp.inference_timeout_s,
-                extra_stats=tuple(self.extra_stats),
+                extra_stats=(*self.extra_stats, *(["state"] if self.rotated_states else [])),
             )
             if ranks > 1:
                 rank_zero_info(

@@ -81,6 +81,7 @@ class RotateStates(gymnasium.Wrapper):
     `states[first]`, each one after it from the next, wrapping around. So every state is played,
     and played as often as the others, however few envs a run has. A reset that follows no step
     (as make_env's seeding reset is followed by the first real one) starts the same state again.
+    Every step's info carries `state_index`, the episode's state, for statistics per state.
     """
 
     def __init__(self, env: gymnasium.Env, states: list[bytes], first: int):
@@ -103,7 +104,9 @@ class RotateStates(gymnasium.Wrapper):
 
     def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
         self.stepped = True
-        return self.env.step(action)
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        info["state_index"] = self.state_index
+        return obs, reward, terminated, truncated, info
 
 
 class CropRows(gymnasium.ObservationWrapper):
