@@ -243,10 +243,10 @@ def build_cli(args: list[str] | None, run: bool = True, prog: str = "python -m k
 
 def main(args: list[str] | None = None) -> None:
     """The command line, from `args` or else sys.argv."""
-    quiet_library_notices()
+    argv = sys.argv[1:] if args is None else args
+    quiet_library_notices(argv[0] if argv else None)
     # Lightning's own checkpoint loads (fit --ckpt_path, test) take the same few types as ours.
     allow_config_types()
-    argv = sys.argv[1:] if args is None else args
     try:
         if argv[:1] == ["record"]:
             record(argv[1:])

@@ -16,14 +16,26 @@ class _DropMessage(logging.Filter):
         return self.text not in record.getMessage()
 
 
-def quiet_library_notices() -> None:
+def quiet_library_notices(subcommand: str | None = None) -> None:
     """Filter the library notices a plain run would print: Lightning's advert for its logging
     product (lightning 2.6), its `[rank: 0] Received SIGTERM: 15` (CheckpointFiles says what it
-    did about it), and torch's deprecation of LeafSpec, which Lightning's _pytree still calls
-    (torch 2.13 with lightning 2.6); ours to read, not our users'."""
+    did about it), its caution that an IterableDataset with `__len__` may mislead when several
+    workers load it (the episodes of `test` and the evaluation are played in the main process,
+    and `__len__` gives the progress bar its total), and, for `test` and `validate`, its notice
+    that a checkpoint saved in another folder will not bring back ModelCheckpoint's top-k
+    bookkeeping (they save nothing); and torch's deprecation of LeafSpec, which Lightning's
+    _pytree still calls (torch 2.13 with lightning 2.6). Ours to read, not our users'."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropMessage("💡 Tip:"))
     logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").addFilter(
         _DropMessage("Received SIGTERM"))
+    warnings.filterwarnings(
+        "ignore", message=r"Your `IterableDataset` has `__len__` defined",
+        module=r"lightning\.pytorch\.utilities\.data",
+    )
+    if subcommand in ("test", "validate"):
+        warnings.filterwarnings(
+            "ignore", message=r"The dirpath has changed from", module=r"lightning\.pytorch\.callbacks\.model_checkpoint",
+        )
     warnings.filterwarnings(
         "ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated",
         module=r"lightning\.pytorch\.utilities\._pytree",

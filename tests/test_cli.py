@@ -200,8 +200,9 @@ def test_fit_with_no_config_runs_the_quickstart_settings(kart):
     assert default == quickstart
 
 
-LIBRARY_NOISE = re.compile(r"(?i)warning|deprecat|tip:|args parameter|A\.L\.E:|Powered by Stella")
-"""What a library notice looks like: none of our own sentences does."""
+LIBRARY_NOISE = re.compile(r"(?i)warning|deprecat|tip:|args parameter|A\.L\.E:|Powered by Stella|\.py:\d+: ")
+"""What a library notice looks like (Lightning prints its warnings as `FILE.py:LINE: message`):
+none of our own sentences does."""
 
 
 @pytest.mark.parametrize("config", ["configs/cartpole.yaml", "configs/atari.yaml"])
@@ -215,6 +216,11 @@ def test_help_and_a_short_fit_print_no_library_warnings_or_notices(config, tmp_p
     # The model summary lists what the run has: the policy, no metric of another game.
     summary_rows = [line for line in run.stdout.splitlines() + run.stderr.splitlines() if line.startswith("0 |")]
     assert len(summary_rows) == 1 and "policy" in summary_rows[0]
+    # `test` of that checkpoint, saved elsewhere than the config's checkpoint.dirpath.
+    tested = kart("test", "--config", config, "--ckpt_path", str(tmp_path / "checkpoints" / "last.ckpt"),
+                  "--data.eval_episodes", "1", "--data.env.max_episode_steps", "200",
+                  "--trainer.default_root_dir", str(tmp_path))
+    assert LIBRARY_NOISE.findall(tested.stderr) == [], tested.stderr
 
 
 def test_a_checkpoint_of_an_earlier_version_is_tested_and_resumed(tmp_path, kart):
