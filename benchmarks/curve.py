@@ -49,10 +49,10 @@ def state_tags(tags: set[str], name: str) -> list[str]:
 
 def lines(tags: set[str], key: str, per_state: bool) -> list[tuple[str, str, str]]:
     """(tag, style, what) of each line to draw for episode statistic `key`."""
-    drawn = [(f"train/episode_{key}", "-", "training tracks")]
+    drawn = [(f"train/episode_{key}", "-", "training")]
     if per_state:
         drawn += [(tag, ":", tag.split("/")[1]) for tag in state_tags(tags, f"episode_{key}")]
-    return [*drawn, (f"val/episode_{key}", "o--", "held-out")]
+    return [*drawn, (f"val/episode_{key}", "o--", "evaluation")]
 
 
 def training_minutes(frames: list[tuple[float, int, float]]) -> dict[int, float]:
