@@ -333,7 +333,8 @@ class ImpalaModule(LightningModule):
         states = episodes.pop("episode_state", None)
         for name, values in episodes.items():
             self._update_mean(name, values)
-        state_names = getattr(self.trainer.datamodule, "rotated_states", [])
+        # Without a trainer (the module fed batches by hand) there are no state names.
+        state_names = getattr(getattr(self._trainer, "datamodule", None), "rotated_states", [])
         if states is not None and state_names:
             # Per state too (the envs play them in turn): which track it learns, and where its frames go.
             for index, state in enumerate(state_names):
