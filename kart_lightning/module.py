@@ -337,10 +337,11 @@ class ImpalaModule(LightningModule):
         state_names = getattr(getattr(self._trainer, "datamodule", None), "rotated_states", [])
         if states is not None and state_names:
             # Per state too (the envs play them in turn): which track it learns, and where its frames go.
-            for index, state in enumerate(state_names):
+            # Only the states whose episodes ended in this batch: most steps end none.
+            for index in states[~torch.isnan(states)].unique().long().tolist():
                 mine = states == index
                 for name, values in episodes.items():
-                    self._update_mean(f"{state}/{name}", values[mine])
+                    self._update_mean(f"{state_names[index]}/{name}", values[mine])
             lengths = {state: self.episode_means[f"{state}/episode_length"].compute()
                        for state in state_names if f"{state}/episode_length" in self.episode_means}
             total = sum(lengths.values())
