@@ -16,7 +16,10 @@ from PIL import Image, ImageSequence
 pytestmark = [pytest.mark.slow, pytest.mark.needs_rom]
 
 FIT_FRAMES = 2560
-"""Two learner steps of configs/impala.yaml, of unroll_length 20 x batch_size 16 x frame_skip 4 frames."""
+"""Eight learner steps of configs/impala.yaml: 4 fresh unrolls each (replay ratio 3) of unroll_length 20
+x frame_skip 4 frames; from the fifth step on, the buffer holds a batch's worth and 12 replayed
+unrolls join them."""
+FIT_STEPS = 8
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,7 @@ def run_dir(kart: Callable, rom_cache: Path, tmp_path_factory: pytest.TempPathFa
 
 def test_a_short_fit_stops_at_its_frame_budget_with_a_checkpoint_and_events(run_dir: Path) -> None:
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert checkpoint["global_step"] == 2
+    assert checkpoint["global_step"] == FIT_STEPS
     assert int(checkpoint["state_dict"]["env_frames"]) == FIT_FRAMES
     assert list(run_dir.glob("lightning_logs/version_*/events.out.tfevents.*"))
 
