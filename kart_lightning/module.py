@@ -154,6 +154,8 @@ class ImpalaModule(LightningModule):
         # dict: they are logging state, not parts of the model (nor of its summary).
         self.episode_means: dict[str, RunningMean] = {}
         self.episodes = 0
+        # Agent steps of the episodes finished on each rotated state since this fit started.
+        self.state_steps: dict[str, float] = {}
         self._checkpoint_step = 0
         self._throughput = deque(maxlen=50)
         self._rank_frames = 0
@@ -336,20 +338,20 @@ class ImpalaModule(LightningModule):
         # Without a trainer (the module fed batches by hand) there are no state names.
         state_names = getattr(getattr(self._trainer, "datamodule", None), "rotated_states", [])
         if states is not None and state_names:
-            # Per state too (the envs play them in turn): which track it learns, and where its frames go.
+            # Per state too (the envs rotate among them): which track it learns, and where its frames go.
             # Only the states whose episodes ended in this batch: most steps end none.
             for index in states[~torch.isnan(states)].unique().long().tolist():
-                mine = states == index
+                state, mine = state_names[index], states == index
                 for name, values in episodes.items():
-                    self._update_mean(f"{state_names[index]}/{name}", values[mine])
-            lengths = {state: self.episode_means[f"{state}/episode_length"].compute()
-                       for state in state_names if f"{state}/episode_length" in self.episode_means}
-            total = sum(lengths.values())
-            if len(lengths) == len(state_names) and total > 0:
-                # Every env plays each state in turn, so episodes are as many for each: the share of
-                # mean lengths is the share of env frames.
-                for state, length in lengths.items():
-                    self.log(f"train/{state}/frame_share", length / total, batch_size=batch_size)
+                    self._update_mean(f"{state}/{name}", values[mine])
+                steps = episodes["episode_length"][mine]
+                self.state_steps[state] = self.state_steps.get(state, 0.0) + float(steps.nansum())
+            # The share of env frames each state took (frame skip is the same for all).
+            total = sum(self.state_steps.values())
+            if total > 0:
+                for state in state_names:
+                    self.log(f"train/{state}/frame_share", self.state_steps.get(state, 0.0) / total,
+                             batch_size=batch_size)
         for name, mean in self.episode_means.items():
             self.log(f"train/{name}", mean.compute(), prog_bar=name == "episode_return", batch_size=batch_size)
         if self.episodes:

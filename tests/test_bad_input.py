@@ -92,6 +92,7 @@ CASES = [
     ("fit", [*CARTPOLE, "--data.env.options", "{{bonus: 1}}"], "take no options"),
     ("fit", [*AIRSTRIKER, "--data.envs_per_actor", "2"], "set data.envs_per_actor to 1"),
     ("fit", [*AIRSTRIKER, "--data.env.retro_state", "NoSuchLevel"], "Unknown state 'NoSuchLevel'"),
+    ("fit", [*CARTPOLE, "--data.env.retro_state_balance", "steps"], "use episodes (each state in turn) or frames"),
     ("fit", [*AIRSTRIKER, "--data.env.retro_state", "{not_gzip_state}"], "is not a state of this game"),
     ("fit", [*AIRSTRIKER, "--data.env.retro_state", "{gzip_state}"], "is not a state of this game"),
     ("fit", [*CARTPOLE, "--data.batch_size", "0"], "data.batch_size is 0"),
