@@ -21,7 +21,7 @@ from kart_lightning.errors import ConfigError
 from kart_lightning.evaluation import format_table, scalar_metrics, summarize
 from kart_lightning.losses import vtrace
 from kart_lightning.models import ActorCritic
-from kart_lightning.models.augmentation import random_shift
+from kart_lightning.models.augmentation import mirror, random_shift
 
 
 def clip_rewards(rewards: torch.Tensor, mode: str) -> torch.Tensor:
@@ -91,8 +91,9 @@ class ImpalaModule(LightningModule):
         lr_decay: bool = True,
         max_frames: int = 10_000_000,
         return_window: int = 100,
-        augmentation: Literal["none", "random_shift"] = "none",
+        augmentation: Literal["none", "random_shift", "mirror"] = "none",
         shift_pad: int = 4,
+        mirrored_actions: list[int] | None = None,
         trust_region_kl: float | None = None,
         lr_scaling: Literal["none", "sqrt", "linear"] = "sqrt",
     ) -> None:
@@ -121,14 +122,19 @@ class ImpalaModule(LightningModule):
             return_window: Episodes averaged in the logged means of the return, the length and the
                 env's episode extra stats.
             augmentation: random_shift: the learner trains on frames shifted by up to `shift_pad`
-                pixels each way, a random shift per observation (RAD/DrAC); none: as they are.
-                Actors and evaluation always see the frames as they are.
+                pixels each way, a random shift per observation (RAD/DrAC); mirror: on half the
+                unrolls of each batch, drawn at random, mirrored left to right with their actions
+                (games whose env family names `mirrored_actions`, such as Super Mario Kart), so
+                each course is also learnt as its mirror image; none: as they are. Actors and
+                evaluation always see the frames as they are.
             shift_pad: The largest shift of random_shift, in pixels.
+            mirrored_actions: Each action's mirror image left to right (filled in from the env;
+                None when the game has no such symmetry).
             trust_region_kl: LASER's trust region (Schmitt et al. 2019): an unroll whose target
                 policy is further than this from the policy that acted (mean KL(π‖μ) per step) is
                 left out of the policy gradient. It applies to every unroll, as in LASER; fresh
-                ones are rarely that far, replayed ones often (with random_shift, π sees the
-                shifted frames and μ saw them unshifted). null: none left out.
+                ones are rarely that far, replayed ones often (with random_shift or mirror, π sees
+                the augmented frames and μ saw them as they were). null: none left out.
             lr_scaling: With N ranks (DDP) a step trains on N batches and DDP averages their
                 gradients, so a step is a less noisy one of N times the frames, and there are N times
                 fewer steps per frame. sqrt multiplies learning_rate by √N, the square-root rule
@@ -141,12 +147,26 @@ class ImpalaModule(LightningModule):
         self.save_hyperparameters()
         if augmentation != "none" and len(obs_shape) != 3:
             raise ConfigError(
-                f"model.augmentation {augmentation} shifts image observations, and the env gives {list(obs_shape)}: "
+                f"model.augmentation {augmentation} augments image observations, and the env gives {list(obs_shape)}: "
                 "set model.augmentation none."
             )
+        if augmentation == "mirror" and mirrored_actions is None:
+            raise ConfigError(
+                "model.augmentation mirror needs a game that plays the same mirrored left to right, and "
+                "this game's env family names no mirrored actions: set model.augmentation none or random_shift."
+            )
+        if augmentation == "mirror" and use_lstm:
+            raise ConfigError(
+                "model.augmentation mirror flips whole unrolls, whose LSTM state was computed on the "
+                "unflipped past: set model.use_lstm false, or model.augmentation none or random_shift."
+            )
+        if mirrored_actions is not None and sorted(mirrored_actions) != list(range(num_actions)):
+            raise ValueError(f"mirrored_actions {mirrored_actions} is not a permutation of {num_actions} actions")
         self.policy = torch.jit.script(
             ActorCritic(obs_shape, num_actions, torso, hidden_size, use_lstm, lstm_size)
         )
+        # A plain tensor, not a buffer: the hyperparameters carry the list into checkpoints.
+        self._mirror_index = torch.tensor(mirrored_actions or [], dtype=torch.int64)
         # A buffer, so checkpoints carry it and resume continues the count and the lr schedule.
         self.register_buffer("env_frames", torch.zeros((), dtype=torch.int64))
         # Running means of the last `return_window` episodes' return, length and the env's extra
@@ -292,9 +312,13 @@ class ImpalaModule(LightningModule):
 
     def augment(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The batch the loss sees: with model.augmentation random_shift and in training mode,
-        its observations shifted (see models.augmentation); otherwise `batch` itself."""
+        its observations shifted; with mirror, half its unrolls mirrored (see models.augmentation);
+        otherwise `batch` itself."""
         if self.hparams.augmentation == "none" or not self.training:
             return batch
+        if self.hparams.augmentation == "mirror":
+            flip = torch.rand(batch["action"].shape[1], device=self.device) < 0.5  # [B]
+            return mirror(batch, self._mirror_index.to(self.device), flip)
         return {**batch, "obs": random_shift(batch["obs"], self.hparams.shift_pad)}
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:

@@ -107,6 +107,7 @@ CASES = [
     ("fit", [*CARTPOLE, "--data.replay.ratio", "1", "--data.replay.capacity", "0"],
      "fewer than a batch of 16: raise data.replay.capacity"),
     ("fit", [*CARTPOLE, "--model.augmentation", "random_shift"], "set model.augmentation none"),
+    ("fit", [*AIRSTRIKER, "--model.augmentation", "mirror"], "names no mirrored actions: set model.augmentation none"),
     ("fit", [*CARTPOLE, "--ranks.silent_timeout_s", "0"], "ranks.silent_timeout_s is 0: set it to a number of seconds"),
     ("fit", [*CARTPOLE, "--evaluation.every_n_steps", "0"], "evaluation.every_n_steps is 0: set it to 1 or more"),
     ("fit", [*CARTPOLE, "--weights.every_n_steps", "0"], "weights.every_n_steps is 0: set it to 1 or more"),
