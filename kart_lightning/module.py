@@ -124,7 +124,7 @@ class ImpalaModule(LightningModule):
             augmentation: random_shift: the learner trains on frames shifted by up to `shift_pad`
                 pixels each way, a random shift per observation (RAD/DrAC); mirror: on half the
                 unrolls of each batch, drawn at random, mirrored left to right with their actions
-                (games whose env family names `mirrored_actions`, such as Super Mario Kart), so
+                (games whose env family names `mirrored_actions`, such as a racing game), so
                 each course is also learnt as its mirror image; none: as they are. Actors and
                 evaluation always see the frames as they are.
             shift_pad: The largest shift of random_shift, in pixels.
