@@ -84,6 +84,7 @@ class ImpalaCLI(LightningCLI):
         parser.add_lightning_class_args(WeightPublisher, "weights")
         parser.link_arguments("data.obs_shape", "model.obs_shape", apply_on="instantiate")
         parser.link_arguments("data.num_actions", "model.num_actions", apply_on="instantiate")
+        parser.link_arguments("data.mirrored_actions", "model.mirrored_actions", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         super().parse_arguments(parser, args)

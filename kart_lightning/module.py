@@ -21,7 +21,7 @@ from kart_lightning.errors import ConfigError
 from kart_lightning.evaluation import format_table, scalar_metrics, summarize
 from kart_lightning.losses import vtrace
 from kart_lightning.models import ActorCritic
-from kart_lightning.models.augmentation import random_shift
+from kart_lightning.models.augmentation import mirror, random_shift
 
 
 def clip_rewards(rewards: torch.Tensor, mode: str) -> torch.Tensor:
@@ -91,8 +91,9 @@ class ImpalaModule(LightningModule):
         lr_decay: bool = True,
         max_frames: int = 10_000_000,
         return_window: int = 100,
-        augmentation: Literal["none", "random_shift"] = "none",
+        augmentation: Literal["none", "random_shift", "mirror"] = "none",
         shift_pad: int = 4,
+        mirrored_actions: list[int] | None = None,
         trust_region_kl: float | None = None,
         lr_scaling: Literal["none", "sqrt", "linear"] = "sqrt",
     ) -> None:
@@ -121,14 +122,19 @@ class ImpalaModule(LightningModule):
             return_window: Episodes averaged in the logged means of the return, the length and the
                 env's episode extra stats.
             augmentation: random_shift: the learner trains on frames shifted by up to `shift_pad`
-                pixels each way, a random shift per observation (RAD/DrAC); none: as they are.
-                Actors and evaluation always see the frames as they are.
+                pixels each way, a random shift per observation (RAD/DrAC); mirror: on half the
+                unrolls of each batch, drawn at random, mirrored left to right with their actions
+                (games whose env family names `mirrored_actions`, such as a racing game), so
+                each course is also learnt as its mirror image; none: as they are. Actors and
+                evaluation always see the frames as they are.
             shift_pad: The largest shift of random_shift, in pixels.
+            mirrored_actions: Each action's mirror image left to right (filled in from the env;
+                None when the game has no such symmetry).
             trust_region_kl: LASER's trust region (Schmitt et al. 2019): an unroll whose target
                 policy is further than this from the policy that acted (mean KL(π‖μ) per step) is
                 left out of the policy gradient. It applies to every unroll, as in LASER; fresh
-                ones are rarely that far, replayed ones often (with random_shift, π sees the
-                shifted frames and μ saw them unshifted). null: none left out.
+                ones are rarely that far, replayed ones often (with random_shift or mirror, π sees
+                the augmented frames and μ saw them as they were). null: none left out.
             lr_scaling: With N ranks (DDP) a step trains on N batches and DDP averages their
                 gradients, so a step is a less noisy one of N times the frames, and there are N times
                 fewer steps per frame. sqrt multiplies learning_rate by √N, the square-root rule
@@ -141,12 +147,26 @@ class ImpalaModule(LightningModule):
         self.save_hyperparameters()
         if augmentation != "none" and len(obs_shape) != 3:
             raise ConfigError(
-                f"model.augmentation {augmentation} shifts image observations, and the env gives {list(obs_shape)}: "
+                f"model.augmentation {augmentation} augments image observations, and the env gives {list(obs_shape)}: "
                 "set model.augmentation none."
             )
+        if augmentation == "mirror" and mirrored_actions is None:
+            raise ConfigError(
+                "model.augmentation mirror needs a game that plays the same mirrored left to right, and "
+                "this game's env family names no mirrored actions: set model.augmentation none or random_shift."
+            )
+        if augmentation == "mirror" and use_lstm:
+            raise ConfigError(
+                "model.augmentation mirror flips whole unrolls, whose LSTM state was computed on the "
+                "unflipped past: set model.use_lstm false, or model.augmentation none or random_shift."
+            )
+        if mirrored_actions is not None and sorted(mirrored_actions) != list(range(num_actions)):
+            raise ValueError(f"mirrored_actions {mirrored_actions} is not a permutation of {num_actions} actions")
         self.policy = torch.jit.script(
             ActorCritic(obs_shape, num_actions, torso, hidden_size, use_lstm, lstm_size)
         )
+        # A plain tensor, not a buffer: the hyperparameters carry the list into checkpoints.
+        self._mirror_index = torch.tensor(mirrored_actions or [], dtype=torch.int64)
         # A buffer, so checkpoints carry it and resume continues the count and the lr schedule.
         self.register_buffer("env_frames", torch.zeros((), dtype=torch.int64))
         # Running means of the last `return_window` episodes' return, length and the env's extra
@@ -154,6 +174,8 @@ class ImpalaModule(LightningModule):
         # dict: they are logging state, not parts of the model (nor of its summary).
         self.episode_means: dict[str, RunningMean] = {}
         self.episodes = 0
+        # Agent steps of the episodes finished on each rotated state since this fit started.
+        self.state_steps: dict[str, float] = {}
         self._checkpoint_step = 0
         self._throughput = deque(maxlen=50)
         self._rank_frames = 0
@@ -290,9 +312,13 @@ class ImpalaModule(LightningModule):
 
     def augment(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The batch the loss sees: with model.augmentation random_shift and in training mode,
-        its observations shifted (see models.augmentation); otherwise `batch` itself."""
+        its observations shifted; with mirror, half its unrolls mirrored (see models.augmentation);
+        otherwise `batch` itself."""
         if self.hparams.augmentation == "none" or not self.training:
             return batch
+        if self.hparams.augmentation == "mirror":
+            flip = torch.rand(batch["action"].shape[1], device=self.device) < 0.5  # [B]
+            return mirror(batch, self._mirror_index.to(self.device), flip)
         return {**batch, "obs": random_shift(batch["obs"], self.hparams.shift_pad)}
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -336,20 +362,20 @@ class ImpalaModule(LightningModule):
         # Without a trainer (the module fed batches by hand) there are no state names.
         state_names = getattr(getattr(self._trainer, "datamodule", None), "rotated_states", [])
         if states is not None and state_names:
-            # Per state too (the envs play them in turn): which track it learns, and where its frames go.
+            # Per state too (the envs rotate among them): which track it learns, and where its frames go.
             # Only the states whose episodes ended in this batch: most steps end none.
             for index in states[~torch.isnan(states)].unique().long().tolist():
-                mine = states == index
+                state, mine = state_names[index], states == index
                 for name, values in episodes.items():
-                    self._update_mean(f"{state_names[index]}/{name}", values[mine])
-            lengths = {state: self.episode_means[f"{state}/episode_length"].compute()
-                       for state in state_names if f"{state}/episode_length" in self.episode_means}
-            total = sum(lengths.values())
-            if len(lengths) == len(state_names) and total > 0:
-                # Every env plays each state in turn, so episodes are as many for each: the share of
-                # mean lengths is the share of env frames.
-                for state, length in lengths.items():
-                    self.log(f"train/{state}/frame_share", length / total, batch_size=batch_size)
+                    self._update_mean(f"{state}/{name}", values[mine])
+                steps = episodes["episode_length"][mine]
+                self.state_steps[state] = self.state_steps.get(state, 0.0) + float(steps.nansum())
+            # The share of env frames each state took (frame skip is the same for all).
+            total = sum(self.state_steps.values())
+            if total > 0:
+                for state in state_names:
+                    self.log(f"train/{state}/frame_share", self.state_steps.get(state, 0.0) / total,
+                             batch_size=batch_size)
         for name, mean in self.episode_means.items():
             self.log(f"train/{name}", mean.compute(), prog_bar=name == "episode_return", batch_size=batch_size)
         if self.episodes:

@@ -111,7 +111,8 @@ def test_a_run_over_several_states_logs_episode_statistics_per_state(tmp_path, k
     last = {tag: accumulator.Scalars(tag)[-1].value for tag in accumulator.Tags()["scalars"]}
     for state in ("Level1", "later"):
         assert last[f"train/{state}/episode_length"] == 25
-        assert last[f"train/{state}/frame_share"] == pytest.approx(0.5)
+        # Episodes of equal length; each env's count per state differs by at most one.
+        assert last[f"train/{state}/frame_share"] == pytest.approx(0.5, abs=0.05)
         assert f"train/{state}/episode_return" in last
     assert last["train/episode_length"] == 25 and "train/episode_state" not in last
 

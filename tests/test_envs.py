@@ -164,6 +164,32 @@ def test_env_i_starts_from_state_i_modulo_the_length_of_the_list(later_state):
     assert starts_on_level1 == [False, True, True, False, True]
 
 
+@pytest.mark.parametrize(("balance", "expected"), [("episodes", [0, 1, 0, 1, 0]), ("frames", [0, 1, 1, 1, 0])])
+def test_each_episode_starts_from_the_next_state_or_from_the_least_played(later_state, balance, expected):
+    later, _ = later_state
+    config = dataclasses.replace(AIRSTRIKER, retro_state=["Level1", str(later)], retro_state_balance=balance)
+    env = make_env(config)
+    try:
+        state_indices = []
+        env.reset(seed=0)
+        for _ in expected:
+            state_index = env.step(0)[4]["state_index"]
+            state_indices.append(state_index)
+            # Episodes cut by hand: 30 agent steps on the first state, 10 on the second.
+            for _ in range(29 if state_index == 0 else 9):
+                env.step(0)
+            env.reset(seed=0)
+    finally:
+        env.close()
+    # frames: after 30 steps on state 0, state 1 is played until its 3 x 10 steps catch up.
+    assert state_indices == expected
+
+
+def test_an_unknown_state_balance_is_a_config_error():
+    with pytest.raises(EnvConfigError, match="use episodes .* or frames"):
+        make_env(dataclasses.replace(AIRSTRIKER, retro_state_balance="steps"))
+
+
 def test_an_empty_list_of_states_is_a_config_error():
     with pytest.raises(EnvConfigError, match="name at least one state"):
         make_env(dataclasses.replace(AIRSTRIKER, retro_state=[]))

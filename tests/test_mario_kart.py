@@ -19,7 +19,13 @@ from gymnasium.spaces import Box, Discrete, MultiBinary
 
 from kart_lightning.envs import EnvConfig, EnvConfigError, find_family, make_env, mario_kart
 from kart_lightning.envs.mario_kart import import_rom, states
-from kart_lightning.envs.mario_kart.actions import ACTION_SETS, SNES_BUTTONS, button_table, discrete_actions
+from kart_lightning.envs.mario_kart.actions import (
+    ACTION_SETS,
+    SNES_BUTTONS,
+    button_table,
+    discrete_actions,
+    mirrored_actions,
+)
 from kart_lightning.envs.mario_kart.config import MarioKartConfig
 from kart_lightning.envs.mario_kart.game import AIRBORNE, DRIVER_VIEW_ROWS
 from kart_lightning.envs.mario_kart.menus import (
@@ -387,6 +393,14 @@ def test_drive_item_adds_accelerating_while_using_the_item_with_a() -> None:
 def test_race_keeps_the_drive_actions_that_accelerate() -> None:
     assert list(ACTION_SETS["race"]) == ["accelerate", "accelerate_left", "accelerate_right", "slide_left", "slide_right"]
     assert all(SNES_BUTTONS.index("B") in np.flatnonzero(row) for row in button_table("race"))
+
+
+@pytest.mark.parametrize("action_set", list(ACTION_SETS))
+def test_each_action_mirrored_is_the_one_that_turns_the_other_way(action_set: str) -> None:
+    names = list(ACTION_SETS[action_set])
+    swapped = {"left": "right", "right": "left"}
+    mirrored = [names[image] for image in mirrored_actions(action_set)]
+    assert mirrored == ["_".join(swapped.get(word, word) for word in name.split("_")) for name in names]
 
 
 def test_an_unknown_action_set_is_a_config_error_naming_the_sets() -> None:

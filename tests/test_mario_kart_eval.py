@@ -24,9 +24,11 @@ FIT_STEPS = 8
 
 @pytest.fixture(scope="module")
 def run_dir(kart: Callable, rom_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """configs/impala.yaml trained for FIT_FRAMES env frames: a real, barely trained run."""
+    """configs/impala.yaml trained for FIT_FRAMES env frames: a real, barely trained run (with
+    mirror augmentation, so the game's mirrored actions reach the learner's batches too)."""
     run_dir = tmp_path_factory.mktemp("impala")
     kart("fit", "--config", "configs/impala.yaml", "--model.max_frames", str(FIT_FRAMES),
+         "--model.augmentation", "mirror",
          "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(run_dir),
          "--checkpoint.dirpath", str(run_dir / "checkpoints"),
          timeout_s=600, env={"KART_LIGHTNING_CACHE": str(rom_cache)})  # fmt: skip
@@ -37,6 +39,8 @@ def test_a_short_fit_stops_at_its_frame_budget_with_a_checkpoint_and_events(run_
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == FIT_STEPS
     assert int(checkpoint["state_dict"]["env_frames"]) == FIT_FRAMES
+    # The drive actions' mirror images, from the game: left and right swapped.
+    assert checkpoint["hyper_parameters"]["mirrored_actions"] == [0, 1, 3, 2, 5, 4, 6]
     assert list(run_dir.glob("lightning_logs/version_*/events.out.tfevents.*"))
 
 

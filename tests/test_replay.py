@@ -1,5 +1,5 @@
 """Experience replay (data/replay.py) and the learner-side levers that come with it: the replay
-buffer, its batches through real actors, LASER's trust region and random-shift augmentation."""
+buffer, its batches through real actors, LASER's trust region and the augmentations (random shift, mirror)."""
 
 import pytest
 import torch
@@ -9,8 +9,9 @@ from kart_lightning.data.replay import ReplayBuffer, ReplayConfig, split_batch
 from kart_lightning.data.rollout import create_buffers, rollout_spec, stack_slots
 from kart_lightning.envs import EnvConfig
 from kart_lightning.errors import ConfigError
+from kart_lightning.losses import vtrace
 from kart_lightning.models import ActorCritic
-from kart_lightning.models.augmentation import random_shift
+from kart_lightning.models.augmentation import mirror, random_shift
 from kart_lightning.module import ImpalaModule
 
 T = 5
@@ -180,6 +181,64 @@ def test_augmentation_applies_to_training_batches_only():
     module.eval()
     assert module.augment(batch) is batch
     assert image_module().augment(batch) is batch  # augmentation none
+
+
+CYCLE = torch.tensor([1, 2, 3, 0])
+"""A mirror permutation that is not its own inverse, so the test tells the two directions apart."""
+
+
+def test_mirror_flips_the_chosen_unrolls_and_gives_the_mirrored_action_the_behaviour_probability_taken():
+    batch = stack_slots(filled_buffers(4), list(range(4)))
+    flip = torch.tensor([True, False, True, False])
+    mirrored = mirror(batch, CYCLE, flip)
+    for unroll_index, flipped in enumerate(flip.tolist()):
+        obs, new_obs = batch["obs"][:, unroll_index], mirrored["obs"][:, unroll_index]
+        action, new_action = batch["action"][:, unroll_index], mirrored["action"][:, unroll_index]
+        if flipped:
+            assert torch.equal(new_obs, obs.flip(-1)) and not torch.equal(new_obs, obs)
+            assert torch.equal(new_action, CYCLE[action])
+            assert torch.equal(mirrored["prev_action"][:, unroll_index], CYCLE[batch["prev_action"][:, unroll_index]])
+        else:
+            assert torch.equal(new_obs, obs) and torch.equal(new_action, action)
+        # μ(mirrored action | mirrored frames) is μ(action | frames).
+        log_mu = torch.log_softmax(batch["behaviour_logits"][:, unroll_index], -1).gather(-1, action[:, None])
+        new_log_mu = torch.log_softmax(mirrored["behaviour_logits"][:, unroll_index], -1).gather(-1, new_action[:, None])
+        torch.testing.assert_close(new_log_mu, log_mu)  # the same sum of exponentials, in another order
+    back = mirror(mirrored, CYCLE.argsort(), flip)
+    assert all(torch.equal(back[name], batch[name]) for name in batch)
+
+
+def test_a_mirrored_unroll_gives_the_vtrace_targets_of_the_unroll_under_the_mirrored_policy():
+    batch = stack_slots(filled_buffers(4), list(range(4)))
+    target = torch.randn(batch["behaviour_logits"].shape, generator=torch.Generator().manual_seed(1))
+    mirrored = mirror(batch, CYCLE, torch.ones(4, dtype=torch.bool))
+
+    def targets(unrolls: dict[str, torch.Tensor], target_logits: torch.Tensor) -> vtrace.VTraceFromLogitsReturns:
+        return vtrace.from_logits(
+            behaviour_policy_logits=unrolls["behaviour_logits"][:-1], target_policy_logits=target_logits[:-1],
+            actions=unrolls["action"][:-1], discounts=0.9 * (~unrolls["done"][1:]).float(),
+            rewards=unrolls["reward"][1:], values=unrolls["truncation_value"][:-1],
+            bootstrap_value=unrolls["truncation_value"][-1],
+        )
+
+    # π mirrored: the mirrored action has the logit the action had.
+    plain, flipped = targets(batch, target), targets(mirrored, target[..., CYCLE.argsort()])
+    torch.testing.assert_close(flipped.vs, plain.vs)
+    torch.testing.assert_close(flipped.pg_advantages, plain.pg_advantages)
+
+
+def test_mirror_needs_a_game_with_mirrored_actions_and_flips_training_batches_only():
+    with pytest.raises(ConfigError, match="names no mirrored actions"):
+        image_module(augmentation="mirror")
+    module = image_module(augmentation="mirror", mirrored_actions=CYCLE.tolist())
+    batch = stack_slots(filled_buffers(8), list(range(8)))
+    module.train()
+    augmented = module.augment(batch)
+    flipped = [not torch.equal(augmented["obs"][:, index], batch["obs"][:, index]) for index in range(8)]
+    assert 0 < sum(flipped) < 8  # each unroll a coin toss (torch seeded by image_module)
+    assert torch.isfinite(module.compute_loss(augmented)["loss"])
+    module.eval()
+    assert module.augment(batch) is batch
 
 
 @pytest.mark.slow

@@ -125,6 +125,11 @@ class ImpalaDataModule(LightningDataModule):
             find_family(eval_env.id)
         self.extra_stats: Mapping[str, str] = family.extra_stats
         """The env family's episode extra stats and how each sums up (see envs.registry)."""
+        self.mirrored_actions: list[int] | None = (
+            family.mirrored_actions(env) if family.mirrored_actions is not None else None
+        )
+        """Each action's mirror image left to right, for model.augmentation mirror; None when the
+        game has no such symmetry."""
         names = [os.path.basename(name).removesuffix(".state") for name in retro_state_names(env)]
         if len(set(names)) < len(names):  # a state named twice: each its own line all the same
             names = [f"{name}#{index}" for index, name in enumerate(names)]

@@ -19,8 +19,8 @@ from gymnasium.wrappers import (
     TimeLimit,
 )
 
-from kart_lightning.envs.registry import family_options, find_family
-from kart_lightning.envs.wrappers import ChannelsFirst, ResizeFrame
+from kart_lightning.envs.registry import EnvConfigError, family_options, find_family
+from kart_lightning.envs.wrappers import ChannelsFirst, ResizeFrame, RotateStates
 
 
 @dataclass
@@ -39,7 +39,11 @@ class EnvConfig:
         max_episode_steps: agent steps before an episode is truncated; None: the env's own limit.
         retro_state: stable-retro state name or .state file path; None is the game's default state.
             A list is played in turn: env number i starts from state i % len(list) and each of its
-            episodes after that from the next state in the list, so all are played by any number of envs.
+            episodes after that from the next state in the list (or see retro_state_balance), so
+            all are played by any number of envs.
+        retro_state_balance: what each env shares evenly among several states: 'episodes' (the
+            next state each episode) or 'frames' (each episode from the state it has played the
+            fewest env frames of, so states whose episodes run long do not take most of the frames).
         render_mode: None for training; 'rgb_array' lets a recorder call env.render().
         options: the game family's own settings (its options dataclass, given as a mapping);
             see the family's documentation.
@@ -54,6 +58,7 @@ class EnvConfig:
     episodic_life: bool = False
     max_episode_steps: int | None = None
     retro_state: str | list[str] | None = None
+    retro_state_balance: str = "episodes"
     render_mode: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -86,6 +91,11 @@ def make_env(config: EnvConfig, seed: int = 0, env_index: int = 0) -> gymnasium.
     """
     family = find_family(config.id)
     family_options(family, config.options)  # refuses settings the family does not take
+    if config.retro_state_balance not in RotateStates.BALANCES:
+        raise EnvConfigError(
+            f"Unknown retro_state_balance '{config.retro_state_balance}': use episodes (each state "
+            "in turn) or frames (each episode on the state least played)."
+        )
     env = family.make(config, env_index)
     env.action_space.seed(seed)
     env.reset(seed=seed)

@@ -49,6 +49,9 @@ class EnvFamily:
             order tables show them, each with how `test` sums it up over a track's episodes.
             A value may be None (not applicable to that episode: it is left out of the sum-up).
         action_names: `config -> {action name: what it does}` for the exported policy's metadata.
+        mirrored_actions: `config -> [num_actions] ints`, a permutation: action a's mirror image
+            left to right (for `model.augmentation mirror`: the game plays the same on a mirrored
+            screen with left and right swapped); None when the game has no such symmetry.
         episode_plot: `(env, infos, png_path)`: after a recorded episode, draw it (the infos of
             every step) as a PNG, before the env closes; None if the family has no such picture.
         known_ids: ids to suggest when a user's id is unknown.
@@ -62,6 +65,7 @@ class EnvFamily:
     envs_per_process: int | None = None
     extra_stats: Mapping[str, Aggregation] = field(default_factory=dict)
     action_names: Callable[[Any], dict[str, Any]] | None = None
+    mirrored_actions: Callable[[Any], list[int]] | None = None
     episode_plot: Callable[[gymnasium.Env, list[dict[str, Any]], Path], None] | None = None
     known_ids: Callable[[], Iterable[str]] = lambda: ()
 

@@ -1,7 +1,7 @@
 """stable-retro games: any integrated game whose ROM is imported, one emulator per process.
 
 Also the building blocks a game folder on stable-retro uses: the bare emulator at its state, and
-the list of states a config names (played in turn, one episode each).
+the list of states a config names (played in turn, or balanced by frames: RotateStates).
 """
 
 import os
@@ -41,7 +41,7 @@ def require_rom_imported(env_id: str) -> None:
 
 def open_emulator(config: EnvConfig, env_index: int, actions: stable_retro.Actions) -> gymnasium.Env:
     """The bare stable-retro env of `config`, at its state for env `env_index`; with several
-    states, each episode starts from the next (RotateStates)."""
+    states, each episode starts from the next, or from the one least played (RotateStates)."""
     state = _retro_state(config, env_index)
     try:
         env = stable_retro.make(
@@ -67,7 +67,7 @@ def open_emulator(config: EnvConfig, env_index: int, actions: stable_retro.Actio
         states.append(env.unwrapped.initial_state)
     if count < 2:
         return env
-    return RotateStates(env, states, first=env_index)
+    return RotateStates(env, states, first=env_index, balance=config.retro_state_balance)
 
 
 def _not_a_state(state: object, why: object) -> EnvConfigError:

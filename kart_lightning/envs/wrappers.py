@@ -75,35 +75,54 @@ class EpisodicLife(gymnasium.Wrapper):
 
 
 class RotateStates(gymnasium.Wrapper):
-    """A bare stable-retro env that starts each episode from the next of several savestates.
+    """A bare stable-retro env that starts each episode from one of several savestates, in turn or by frames.
 
     `states` are the decompressed savestates in order; the first episode starts from
-    `states[first]`, each one after it from the next, wrapping around. So every state is played,
-    and played as often as the others, however few envs a run has. A reset that follows no step
-    (as make_env's seeding reset is followed by the first real one) starts the same state again.
-    Every step's info carries `state_index`, the episode's state, for statistics per state.
+    `states[first]`. With `balance='episodes'` each one after it starts from the next state,
+    wrapping around: every state is played as often as the others, however few envs a run has.
+    With `balance='frames'` each starts from the state this env has played the fewest frames of
+    (the next in order among equals), so a state whose episodes run long gets no more frames than
+    one whose episodes end early. A reset that follows no step (as make_env's seeding reset is
+    followed by the first real one) starts the same state again. Every step's info carries
+    `state_index`, the episode's state, for statistics per state. The frame counts live as long as
+    the env: a restarted actor's env starts counting again.
     """
 
-    def __init__(self, env: gymnasium.Env, states: list[bytes], first: int):
+    BALANCES = ("episodes", "frames")
+
+    def __init__(self, env: gymnasium.Env, states: list[bytes], first: int, balance: str = "episodes"):
         super().__init__(env)
         if not states:
             raise ValueError("RotateStates needs at least one state")
+        if balance not in self.BALANCES:
+            raise ValueError(f"balance must be one of {self.BALANCES}, not {balance!r}")
         self.states = states
+        self.balance = balance
         self.state_index = first % len(states)
+        self.frames_played = [0] * len(states)
+        """Emulator frames (bare env steps) played from each state so far."""
         self.stepped = False
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[Any, dict[str, Any]]:
         if self.stepped:
-            self.state_index = (self.state_index + 1) % len(self.states)
+            self.state_index = self._next_state()
             self.stepped = False
         # stable-retro's reset restores `initial_state`, the state it loaded at construction.
         self.env.unwrapped.initial_state = self.states[self.state_index]
         return self.env.reset(seed=seed, options=options)
 
+    def _next_state(self) -> int:
+        count = len(self.states)
+        in_order = [(self.state_index + offset) % count for offset in range(1, count + 1)]
+        if self.balance == "episodes":
+            return in_order[0]
+        return min(in_order, key=lambda index: self.frames_played[index])
+
     def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
         self.stepped = True
+        self.frames_played[self.state_index] += 1
         obs, reward, terminated, truncated, info = self.env.step(action)
         info["state_index"] = self.state_index
         return obs, reward, terminated, truncated, info

@@ -1,5 +1,6 @@
-"""Data augmentation of the learner's observations (RAD, Laskin et al. 2020; DrAC, Raileanu et al.
-2020): the policy learns from shifted frames, so it cannot key on where things sit on the screen.
+"""Data augmentation of the learner's batches: shifted frames (RAD, Laskin et al. 2020; DrAC,
+Raileanu et al. 2020), so the policy cannot key on where things sit on the screen, or unrolls
+mirrored left to right with their actions, a track the agent has not driven for each it has.
 Only training batches are augmented; actors and evaluation see the frames as they are."""
 
 import torch
@@ -23,3 +24,25 @@ def random_shift(obs: Tensor, pad: int, generator: torch.Generator | None = None
     cols = cols.to(obs.device)[:, None, None, :].expand(count, channels, height, width)
     shifted = torch.gather(torch.gather(flat, 2, rows), 3, cols)
     return shifted.reshape(*lead, channels, height, width)
+
+
+def mirror(batch: dict[str, Tensor], mirrored_actions: Tensor, flip: Tensor) -> dict[str, Tensor]:
+    """The unrolls of `batch` where `flip` [B] bool is set, mirrored left to right: their frames
+    `obs` [T+1, B, C, H, W] flipped along W, and `action`, `prev_action` [T+1, B] and
+    `behaviour_logits` [T+1, B, A] mapped to the mirrored actions (`mirrored_actions` [A] int64, a
+    permutation: action a mirrored is mirrored_actions[a]). A flipped unroll is what the mirror
+    image of the course would have given if μ were symmetric: μ of the mirrored action on the
+    mirrored frames is μ of the action taken. The other fields and unrolls are unchanged; `batch`
+    is not written to."""
+    flip = flip.to(batch["obs"].device)
+    mirrored_actions = mirrored_actions.to(batch["action"].device)
+    mirrored = dict(batch)
+    obs = batch["obs"].clone()
+    obs[:, flip] = obs[:, flip].flip(-1)
+    mirrored["obs"] = obs
+    for name in ("action", "prev_action"):
+        mirrored[name] = torch.where(flip[None, :], mirrored_actions[batch[name]], batch[name])
+    # Column mirrored_actions[a] of the new logits is column a of the old.
+    logits = batch["behaviour_logits"]
+    mirrored["behaviour_logits"] = torch.where(flip[None, :, None], logits[..., mirrored_actions.argsort()], logits)
+    return mirrored

@@ -43,6 +43,14 @@ def button_table(action_set: str, buttons: tuple[str, ...] | list[str] = SNES_BU
     return table
 
 
+def mirrored_actions(action_set: str) -> list[int]:
+    """Action i's mirror image (LEFT and RIGHT swapped; a hop with R goes either way) for each i
+    of `action_set`: the course mirrored left to right is driven with these."""
+    swap = {"LEFT": "RIGHT", "RIGHT": "LEFT"}
+    combos = [frozenset(buttons) for buttons in ACTION_SETS[action_set].values()]
+    return [combos.index(frozenset(swap.get(button, button) for button in combo)) for combo in combos]
+
+
 def discrete_actions(env: gymnasium.Env, action_set: str) -> gymnasium.Env:
     """`env` (a stable-retro SNES env made with Actions.ALL) driven by Discrete(n) actions."""
     table = button_table(action_set, env.unwrapped.buttons)

@@ -10,7 +10,7 @@ import gymnasium
 import stable_retro
 
 from kart_lightning.envs.factory import EnvConfig, skip_frames_and_limit_steps, stack_frames
-from kart_lightning.envs.mario_kart.actions import ACTION_SETS, discrete_actions
+from kart_lightning.envs.mario_kart.actions import ACTION_SETS, discrete_actions, mirrored_actions
 from kart_lightning.envs.mario_kart.config import MarioKartConfig
 from kart_lightning.envs.mario_kart.game import DRIVER_VIEW_ROWS, RACE_FRAME_LIMIT, RACE_LAPS
 from kart_lightning.envs.mario_kart.paths import GAME
@@ -104,6 +104,7 @@ FAMILY = EnvFamily(
     envs_per_process=1,
     extra_stats=RACE_STATS,
     action_names=_action_names,
+    mirrored_actions=lambda config: mirrored_actions(kart_options(config).actions),
     episode_plot=_plot_race,
     known_ids=lambda: [GAME],
 )
