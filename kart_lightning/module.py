@@ -122,8 +122,8 @@ class ImpalaModule(LightningModule):
             return_window: Episodes averaged in the logged means of the return, the length and the
                 env's episode extra stats.
             augmentation: random_shift: the learner trains on frames shifted by up to `shift_pad`
-                pixels each way, a random shift per observation (RAD/DrAC); mirror: on half the
-                unrolls of each batch, drawn at random, mirrored left to right with their actions
+                pixels each way, a random shift per observation (RAD/DrAC); mirror: each unroll of
+                a batch, with probability ½, mirrored left to right with its actions
                 (games whose env family names `mirrored_actions`, such as a racing game), so
                 each course is also learnt as its mirror image; none: as they are. Actors and
                 evaluation always see the frames as they are.
@@ -165,8 +165,9 @@ class ImpalaModule(LightningModule):
         self.policy = torch.jit.script(
             ActorCritic(obs_shape, num_actions, torso, hidden_size, use_lstm, lstm_size)
         )
-        # A plain tensor, not a buffer: the hyperparameters carry the list into checkpoints.
-        self._mirror_index = torch.tensor(mirrored_actions or [], dtype=torch.int64)
+        # A buffer to move with the module, not saved (the hyperparameters carry the list); None: no buffer.
+        index = None if mirrored_actions is None else torch.tensor(mirrored_actions, dtype=torch.int64)
+        self.register_buffer("mirror_index", index, persistent=False)
         # A buffer, so checkpoints carry it and resume continues the count and the lr schedule.
         self.register_buffer("env_frames", torch.zeros((), dtype=torch.int64))
         # Running means of the last `return_window` episodes' return, length and the env's extra
@@ -312,13 +313,14 @@ class ImpalaModule(LightningModule):
 
     def augment(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The batch the loss sees: with model.augmentation random_shift and in training mode,
-        its observations shifted; with mirror, half its unrolls mirrored (see models.augmentation);
+        its observations shifted; with mirror, each unroll mirrored with probability ½ (see
+        models.augmentation);
         otherwise `batch` itself."""
         if self.hparams.augmentation == "none" or not self.training:
             return batch
         if self.hparams.augmentation == "mirror":
             flip = torch.rand(batch["action"].shape[1], device=self.device) < 0.5  # [B]
-            return mirror(batch, self._mirror_index.to(self.device), flip)
+            return mirror(batch, self.mirror_index, flip)
         return {**batch, "obs": random_shift(batch["obs"], self.hparams.shift_pad)}
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:

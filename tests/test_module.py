@@ -1,4 +1,7 @@
-"""ImpalaModule: the V-trace loss on [T+1, B] batches, reward clipping, frame budget and lr decay."""
+"""ImpalaModule: the V-trace loss on [T+1, B] batches, reward clipping, frame budget, lr decay and
+the per-state frame shares it logs."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -166,3 +169,33 @@ def test_env_frame_counter_is_saved_in_the_state_dict():
     restored = make_module()
     restored.load_state_dict(module.state_dict())
     assert int(restored.env_frames) == 1234
+
+
+def test_frame_share_is_each_states_share_of_the_steps_of_the_fits_finished_episodes():
+    module = ImpalaModule(obs_shape=[4], num_actions=2, torso="mlp", hidden_size=8)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
+    module.optimizers = lambda: optimizer
+    logged = {}
+    module.log = lambda name, value, **_: logged.__setitem__(name, float(value))
+    module._trainer = SimpleNamespace(global_step=0, world_size=1, datamodule=SimpleNamespace(rotated_states=["A", "B", "C"]))
+
+    def batch(lengths_and_states: list[tuple[float, int]]) -> dict[str, torch.Tensor]:
+        """One step of unrolls of 2 steps, each ending an episode of the given length on the given state."""
+        columns = len(lengths_and_states)
+        done = torch.zeros(3, columns, dtype=torch.bool)
+        done[2] = True
+        ended = torch.full((3, columns), float("nan"))
+        lengths, states = ended.clone(), ended.clone()
+        lengths[2] = torch.tensor([length for length, _ in lengths_and_states])
+        states[2] = torch.tensor([float(state) for _, state in lengths_and_states])
+        return {"reward": torch.zeros(3, columns), "done": done, "episode_return": torch.where(done, 1.0, ended),
+                "episode_length": lengths, "episode_state": states,
+                "policy_version": torch.zeros(columns, dtype=torch.int64), "env_frames": 2 * columns}
+
+    for unrolls, shares in [
+        ([(30.0, 0), (10.0, 1)], (0.75, 0.25, 0.0)),  # one episode each: a share of steps, not of episodes
+        ([(10.0, 1), (10.0, 1)], (0.5, 0.5, 0.0)),  # summed over the fit: 30 steps each
+    ]:
+        step = batch(unrolls)
+        module._log_training(step, {"loss": torch.tensor(1.0)}, module._job_step(step))
+        assert [logged[f"train/{state}/frame_share"] for state in "ABC"] == pytest.approx(shares)

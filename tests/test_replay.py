@@ -227,15 +227,23 @@ def test_a_mirrored_unroll_gives_the_vtrace_targets_of_the_unroll_under_the_mirr
     torch.testing.assert_close(flipped.pg_advantages, plain.pg_advantages)
 
 
-def test_mirror_needs_a_game_with_mirrored_actions_and_flips_training_batches_only():
+def test_mirror_needs_a_game_with_mirrored_actions_and_no_lstm_and_flips_training_batches_only():
     with pytest.raises(ConfigError, match="names no mirrored actions"):
         image_module(augmentation="mirror")
+    with pytest.raises(ConfigError, match="set model.use_lstm false"):
+        image_module(augmentation="mirror", mirrored_actions=CYCLE.tolist(), use_lstm=True)
+    with pytest.raises(ValueError, match="is not a permutation of 4 actions"):
+        image_module(augmentation="mirror", mirrored_actions=[0, 0, 1, 2])
     module = image_module(augmentation="mirror", mirrored_actions=CYCLE.tolist())
+    assert "mirror_index" not in module.state_dict()  # the hyperparameters carry it
     batch = stack_slots(filled_buffers(8), list(range(8)))
     module.train()
     augmented = module.augment(batch)
     flipped = [not torch.equal(augmented["obs"][:, index], batch["obs"][:, index]) for index in range(8)]
     assert 0 < sum(flipped) < 8  # each unroll a coin toss (torch seeded by image_module)
+    for index, was_flipped in enumerate(flipped):
+        mapped = CYCLE[batch["action"][:, index]] if was_flipped else batch["action"][:, index]
+        assert torch.equal(augmented["action"][:, index], mapped)
     assert torch.isfinite(module.compute_loss(augmented)["loss"])
     module.eval()
     assert module.augment(batch) is batch

@@ -134,7 +134,7 @@ class ImpalaDataModule(LightningDataModule):
         if len(set(names)) < len(names):  # a state named twice: each its own line all the same
             names = [f"{name}#{index}" for index, name in enumerate(names)]
         self.rotated_states: list[str] = names if len(names) > 1 else []
-        """The states the training envs play in turn (stable-retro), named for the per-state episode
+        """The states the training envs rotate among (stable-retro), named for the per-state episode
         statistics (`train/STATE/episode_KEY`); empty with one state or none."""
         self.env = env
         # Evaluation plays whole games: a lost life does not end its episodes.

@@ -92,7 +92,7 @@ def _retro_state(config: EnvConfig, env_index: int) -> object:
     names = retro_state_names(config)
     if not names:
         return stable_retro.State.DEFAULT
-    # Env i starts from state i; RotateStates moves it on to the next state each episode.
+    # Env i starts from state i; RotateStates picks each later episode's state (in turn, or by frames).
     state = names[env_index % len(names)]
     if os.path.isfile(state):
         # stable-retro looks names up inside the integration folder; an absolute path escapes it.

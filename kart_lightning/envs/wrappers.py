@@ -1,6 +1,6 @@
 """Generic gymnasium wrappers that gymnasium itself lacks or only offers behind OpenCV.
 
-Atari no-op reset and episodic life, a stable-retro state per episode in turn, row cropping,
+Atari no-op reset and episodic life, a stable-retro state per episode (in turn or by frames), row cropping,
 Pillow resizing, and channels-first frames.
 """
 

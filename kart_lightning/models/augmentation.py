@@ -30,16 +30,16 @@ def mirror(batch: dict[str, Tensor], mirrored_actions: Tensor, flip: Tensor) -> 
     """The unrolls of `batch` where `flip` [B] bool is set, mirrored left to right: their frames
     `obs` [T+1, B, C, H, W] flipped along W, and `action`, `prev_action` [T+1, B] and
     `behaviour_logits` [T+1, B, A] mapped to the mirrored actions (`mirrored_actions` [A] int64, a
-    permutation: action a mirrored is mirrored_actions[a]). A flipped unroll is what the mirror
-    image of the course would have given if μ were symmetric: μ of the mirrored action on the
-    mirrored frames is μ of the action taken. The other fields and unrolls are unchanged; `batch`
-    is not written to."""
+    permutation: action a mirrored is mirrored_actions[a]). A flipped unroll is one acted by μ's
+    mirror image on the mirrored course: μ of the mirrored action on the mirrored frames is μ of the
+    action taken. The other fields and unrolls are unchanged (`truncation_value` too: the value of
+    the frames as they were, the same on a game that plays the same mirrored); `batch` is not
+    written to."""
     flip = flip.to(batch["obs"].device)
     mirrored_actions = mirrored_actions.to(batch["action"].device)
     mirrored = dict(batch)
-    obs = batch["obs"].clone()
-    obs[:, flip] = obs[:, flip].flip(-1)
-    mirrored["obs"] = obs
+    obs = batch["obs"]
+    mirrored["obs"] = torch.where(flip.view(1, -1, *[1] * (obs.dim() - 2)), obs.flip(-1), obs)
     for name in ("action", "prev_action"):
         mirrored[name] = torch.where(flip[None, :], mirrored_actions[batch[name]], batch[name])
     # Column mirrored_actions[a] of the new logits is column a of the old.
