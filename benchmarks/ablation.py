@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's kart_lightning, as the fit and test subprocesses run it
 TRACKS = ["MarioCircuit.Act1", "MarioCircuit.Act2", "MarioCircuit.Act3", "MarioCircuit.Act4"]
 
 
@@ -84,22 +85,27 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=10, help="test episodes per track, sampled and greedy each")
     parser.add_argument("--runs_dir", default="runs/ablation")
     parser.add_argument("--out", help="write the row's figures as JSON")
+    parser.add_argument("--skip_fit", action="store_true", help="test the run's fit again (its fit.json) without refitting")
     parser.add_argument("overrides", nargs=argparse.REMAINDER, help="after --: fit and test arguments")
     args = parser.parse_args()
     overrides = [a for a in args.overrides if a != "--"]
     run = (REPO / args.runs_dir / args.name).resolve()
     run.mkdir(parents=True, exist_ok=True)
     config = ["--config", args.config, *overrides]
-    load = os.getloadavg()[0]
-    start = time.monotonic()
-    kart("fit", *config, "--model.max_frames", str(args.frames), "--trainer.enable_progress_bar", "false",
-         "--trainer.default_root_dir", str(run), "--checkpoint.dirpath", str(run / "checkpoints"), log=run / "fit.log")
-    minutes = (time.monotonic() - start) / 60
-    from kart_lightning.checkpointing import read_checkpoint
+    if not args.skip_fit:
+        load = os.getloadavg()[0]
+        start = time.monotonic()
+        kart("fit", *config, "--model.max_frames", str(args.frames), "--trainer.enable_progress_bar", "false",
+             "--trainer.default_root_dir", str(run), "--checkpoint.dirpath", str(run / "checkpoints"),
+             log=run / "fit.log")
+        minutes = (time.monotonic() - start) / 60
+        from kart_lightning.checkpointing import read_checkpoint
 
-    checkpoint = read_checkpoint(run / "checkpoints" / "last.ckpt", mmap=True)
-    fit = {"env_frames": int(checkpoint["state_dict"]["env_frames"]), "learner_steps": checkpoint["global_step"],
-           "minutes": minutes, "load_average_1min_at_start": load}
+        checkpoint = read_checkpoint(run / "checkpoints" / "last.ckpt", mmap=True)
+        fit = {"env_frames": int(checkpoint["state_dict"]["env_frames"]), "learner_steps": checkpoint["global_step"],
+               "minutes": minutes, "load_average_1min_at_start": load}
+        (run / "fit.json").write_text(json.dumps(fit, indent=2) + "\n")
+    fit = json.loads((run / "fit.json").read_text())
     sampled = test(run, config, greedy=False, episodes=args.episodes)
     greedy = test(run, config, greedy=True, episodes=args.episodes)
     result = {"name": args.name, "config": args.config, "overrides": overrides, "fit": fit,
