@@ -25,8 +25,8 @@ FIT_STEPS = 8
 @pytest.fixture(scope="module")
 def run_dir(kart: Callable, rom_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """configs/impala.yaml trained for FIT_FRAMES env frames: a real, barely trained run (with
-    mirror augmentation, so the game's mirrored actions reach the learner's batches too: one fit
-    serves every test here, as a second would cost as much again)."""
+    mirror augmentation, the config's default, named here so that the game's mirrored actions
+    reach the learner's batches whatever the default: one fit serves every test here)."""
     run_dir = tmp_path_factory.mktemp("impala")
     kart("fit", "--config", "configs/impala.yaml", "--model.max_frames", str(FIT_FRAMES),
          "--model.augmentation", "mirror",
