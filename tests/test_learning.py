@@ -8,13 +8,17 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 @pytest.mark.slow
 # Learner inference (the slowest on CartPole: every env step is a round trip to the learner) runs
-# with replay on, so one run covers both.
-@pytest.mark.parametrize(("inference", "replay_ratio"), [("actor", 0), ("learner", 1)])
-def test_cartpole_reaches_a_mean_return_of_400_within_600k_frames(kart: Callable, tmp_path, inference, replay_ratio):
+# with replay on, so one run covers both. Replaying each unroll once more learns faster per frame
+# (400 at 152k frames, against 314k without: README "Measured"), so that run gets half the budget
+# and half the minutes.
+@pytest.mark.parametrize(("inference", "replay_ratio", "budget"), [("actor", 0, 600_000), ("learner", 1, 300_000)])
+def test_cartpole_reaches_a_mean_return_of_400_within_its_frame_budget(
+    kart: Callable, tmp_path, inference, replay_ratio, budget
+):
     # configs/cartpole.yaml: seed 0, budget 600k env frames (a minute or two on 2 cores). With
     # replay, half of each batch is replayed and the budget counts fresh frames only.
     kart("fit", "--config", "configs/cartpole.yaml", "--data.inference", inference,
-         "--data.replay.ratio", str(replay_ratio),
+         "--data.replay.ratio", str(replay_ratio), "--model.max_frames", str(budget),
          "--checkpoint.dirpath", str(tmp_path / "checkpoints"), "--trainer.default_root_dir", str(tmp_path),
          "--trainer.enable_progress_bar", "false", timeout_s=900)  # fmt: skip
     (events,) = tmp_path.glob("lightning_logs/version_*")
@@ -23,7 +27,7 @@ def test_cartpole_reaches_a_mean_return_of_400_within_600k_frames(kart: Callable
     # Mean return of the last 100 training episodes (sampled actions, not greedy).
     returns = [scalar.value for scalar in accumulator.Scalars("train/episode_return")]
     frames = [scalar.value for scalar in accumulator.Scalars("env_frames")]
-    assert frames[-1] >= 600_000
+    assert frames[-1] >= budget
     if replay_ratio:
         ratios = [scalar.value for scalar in accumulator.Scalars("train/replay_ratio_effective")]
         assert ratios[-1] == replay_ratio
