@@ -90,6 +90,8 @@ def main() -> None:
     args = parser.parse_args()
     overrides = [a for a in args.overrides if a != "--"]
     run = (REPO / args.runs_dir / args.name).resolve()
+    if args.skip_fit and not (run / "fit.json").is_file():
+        parser.error(f"--skip_fit needs the fit's figures in {run / 'fit.json'}: run the row once without --skip_fit.")
     run.mkdir(parents=True, exist_ok=True)
     config = ["--config", args.config, *overrides]
     if not args.skip_fit:
