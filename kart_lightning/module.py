@@ -314,8 +314,7 @@ class ImpalaModule(LightningModule):
     def augment(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The batch the loss sees: with model.augmentation random_shift and in training mode,
         its observations shifted; with mirror, each unroll mirrored with probability ½ (see
-        models.augmentation);
-        otherwise `batch` itself."""
+        models.augmentation); otherwise `batch` itself."""
         if self.hparams.augmentation == "none" or not self.training:
             return batch
         if self.hparams.augmentation == "mirror":
