@@ -150,9 +150,25 @@ class BrokenCartPole(CartPoleEnv):
         raise RuntimeError("this env never starts")
 
 
+class RestartingCartPole(CartPoleEnv):
+    """CartPole whose episodes last 5 steps, then 7 marked as begun mid-game (`info["restart"]`), in turn."""
+
+    def reset(self, **kwargs):
+        self.restart, self.t = not getattr(self, "restart", True), 0
+        return super().reset(**kwargs)
+
+    def step(self, action):
+        obs, reward, _, _, info = super().step(action)  # the pole stands for 7 steps whatever the actions
+        self.t += 1
+        if self.restart:
+            info["restart"] = True
+        return obs, reward, self.t == (7 if self.restart else 5), False, info
+
+
 # Registered here and inherited by forked actors (spawned ones would not see the registry).
 gymnasium.register("FlakyCartPole-v0", entry_point=FlakyCartPole, max_episode_steps=500)
 gymnasium.register("BrokenCartPole-v0", entry_point=BrokenCartPole)
+gymnasium.register("RestartingCartPole-v0", entry_point=RestartingCartPole, max_episode_steps=500)
 
 
 def test_slot_board_gives_the_learner_the_oldest_full_slots_and_recycles_a_dead_actors():
@@ -209,6 +225,19 @@ def test_an_env_that_raises_is_rebuilt_and_its_episode_is_a_truncation(policy):
                for crashed in [batch["done"][1:] & torch.isnan(batch["episode_return"][1:])] if crashed.any()]
     assert len(crashes) >= 2
     assert all(bool((values != 0).all()) for values in crashes)
+
+
+def test_an_episode_restarted_mid_game_trains_but_is_left_out_of_the_episode_statistics(policy):
+    pool = make_pool(policy, unroll_length=24, env=EnvConfig(id="RestartingCartPole-v0"), start_method="fork")
+    try:
+        batch = pool.take_batch(timeout_s=120)
+    finally:
+        pool.close()
+    ended = batch["done"][1:, 0]
+    lengths, returns = batch["episode_length"][1:, 0][ended], batch["episode_return"][1:, 0][ended]
+    assert int(ended.sum()) >= 3, "episodes of 5 and 7 steps end in turn within 24 steps"
+    assert torch.isnan(lengths).any() and torch.isnan(returns).any()
+    assert (lengths[~torch.isnan(lengths)] == 5).all() and (returns[~torch.isnan(returns)] == 5).all()
 
 
 def test_actors_that_keep_dying_stop_the_run_with_their_error(policy):

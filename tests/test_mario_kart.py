@@ -413,6 +413,11 @@ def test_laps_beyond_the_race_are_a_config_error() -> None:
         make_env(EnvConfig(id=GAME, options=MarioKartConfig(laps=6)))
 
 
+def test_a_restart_share_of_one_or_more_is_a_config_error() -> None:
+    with pytest.raises(EnvConfigError, match="set it from 0"):
+        make_env(EnvConfig(id=GAME, options=MarioKartConfig(restart_share=1.0)))
+
+
 # Several tracks (how a list is dealt to envs is specified for every stable-retro game in test_envs.py)
 
 
@@ -555,6 +560,52 @@ def test_the_race_terminates_when_the_lap_counter_passes_the_last_lap(in_rom_cac
         env.close()
     assert terminated and not truncated and step < 15
     assert info["race"]["finished"] and info["lap"] == 133
+
+
+@pytest.mark.needs_rom
+def test_a_restarted_race_starts_at_speed_where_an_earlier_race_passed_a_checkpoint(in_rom_cache: Path) -> None:
+    env = _kart_env(restart_share=0.99)
+    try:
+        _, first = _drive(env, [("accelerate", 25)])  # over the line (lap 128) to checkpoint 1
+        _, start = env.reset()
+        lap = env.unwrapped.data.lookup_all()["lap"]
+        rewards, infos = _drive(env, [("accelerate", 15)])
+    finally:
+        env.close()
+    assert not any("restart" in info for info in first)
+    assert start["restart"] and all(info["restart"] for info in infos)
+    assert lap == 128 and start["race"]["checkpoint"] in (0, 1) and start["race"]["speed"] > 300
+    # Checkpoints lie about 12 steps apart at full speed here.
+    assert start["race"]["progress"] == 0 and sum(rewards) >= 1, "it races on from there, rewarded as ever"
+
+
+@pytest.mark.slow
+@pytest.mark.needs_rom
+def test_a_race_restarts_only_where_an_earlier_race_on_its_own_track_passed(in_rom_cache: Path) -> None:
+    env = make_env(EnvConfig(id=GAME, retro_state=["MarioCircuit.Act1", "MarioCircuit.Act2"],
+                             options=MarioKartConfig(restart_share=0.99)))
+    try:
+        _drive(env, [("accelerate", 25)])  # Mario Circuit 1, over the line
+        _, second = env.reset()  # Mario Circuit 2: nothing kept for it yet, so the grid
+        second_lap = env.unwrapped.data.lookup_all()["lap"]
+        env.step(0)
+        _, third = env.reset()  # Mario Circuit 1 again
+    finally:
+        env.close()
+    assert second["race"]["track"] == "MarioCircuit.Act2" and "restart" not in second and second_lap == 127
+    assert third["race"]["track"] == "MarioCircuit.Act1" and third["restart"] and third["race"]["speed"] > 300
+
+
+@pytest.mark.needs_rom
+def test_without_a_restart_share_every_race_starts_on_the_grid(in_rom_cache: Path) -> None:
+    env = _kart_env()
+    try:
+        _drive(env, [("accelerate", 25)])
+        _, start = env.reset()
+        lap = env.unwrapped.data.lookup_all()["lap"]
+    finally:
+        env.close()
+    assert "restart" not in start and lap == 127 and start["race"]["speed"] == 0
 
 
 @pytest.mark.slow

@@ -210,7 +210,8 @@ class EnvGroup:
                 done[i] = True
                 continue
             rewards[i] = float(reward)
-            if "episode" in info:
+            # A race restarted mid-course trains, but its return and results are not a whole game's.
+            if "episode" in info and not info.get("restart"):
                 stats = {"return": info["episode"]["r"], "length": info["episode"]["l"],
                          "state": info.get("state_index"), **info.get("episode_extra_stats", {})}
                 for name in self.stat_names:

@@ -39,7 +39,9 @@ class EnvFamily:
         make: `(config, env_index) -> env` with a Discrete action space, observations as the
             config asks, `info["episode"]` at episode end (gymnasium's RecordEpisodeStatistics)
             and, if the family reports any, `info["episode_extra_stats"]` on the last step of an
-            episode; `env_index` is the env's number among the run's envs. make_env seeds it.
+            episode; `info["restart"]` True on the steps of an episode that began mid-game from
+            a saved state (it trains, but is left out of the episode statistics); `env_index` is
+            the env's number among the run's envs. make_env seeds it.
         options: the dataclass of the family's own settings (`EnvConfig.options`, a dict in
             configs), or None when it has none.
         frames_per_step: env frames per agent step of `config` (the frame skip, 1 for vectors).

@@ -28,6 +28,11 @@ class MarioKartConfig:
         laps: the episode terminates once this many laps are completed; 5 is the game's whole race.
         stall_steps: agent steps without passing a new checkpoint before the episode is truncated
             (bootstrapped, like a time limit); None never cuts a stalled race.
+        restart_share: the share of episodes that start where an earlier episode of the same env
+            first passed a checkpoint of its track's first lap, one drawn uniformly, instead of on
+            the grid (CheckpointRestarts): the far parts of a course get practised as often as its
+            start. Such episodes train but are left out of the episode statistics. 0: every race
+            starts on the grid, as `test` and evaluation always do.
     """
 
     actions: ActionSetName = "drive"
@@ -40,3 +45,4 @@ class MarioKartConfig:
     offroad_penalty: float = 0.0
     laps: int = 5
     stall_steps: int | None = 150
+    restart_share: float = 0.0

@@ -14,6 +14,7 @@ from kart_lightning.envs.mario_kart.actions import ACTION_SETS, discrete_actions
 from kart_lightning.envs.mario_kart.config import MarioKartConfig
 from kart_lightning.envs.mario_kart.game import DRIVER_VIEW_ROWS, RACE_FRAME_LIMIT, RACE_LAPS
 from kart_lightning.envs.mario_kart.paths import GAME
+from kart_lightning.envs.mario_kart.restarts import CheckpointRestarts
 from kart_lightning.envs.mario_kart.reward import RaceRewardWrapper
 from kart_lightning.envs.registry import EnvConfigError, EnvFamily, family_options, register_env_family
 from kart_lightning.envs.retro import open_emulator, retro_state_names
@@ -50,6 +51,10 @@ def kart_options(config: EnvConfig) -> MarioKartConfig:
         raise EnvConfigError(
             f"options.stall_steps is {kart.stall_steps}: set it to 1 or more, or null to never cut a race."
         )
+    if not 0.0 <= kart.restart_share < 1.0:
+        raise EnvConfigError(
+            f"options.restart_share is {kart.restart_share}: set it from 0 (every race on the grid) to below 1."
+        )
     return kart
 
 
@@ -58,6 +63,8 @@ def make_mario_kart(config: EnvConfig, env_index: int) -> gymnasium.Env:
     kart = kart_options(config)
     _prepare(config)
     env = open_emulator(config, env_index, stable_retro.Actions.ALL)
+    if kart.restart_share > 0:
+        env = CheckpointRestarts(env, kart.restart_share)
     env = discrete_actions(env, kart.actions)
     # Beneath the frame skip, so that the reward sees every frame's RAM (see RaceRewardWrapper).
     env = RaceRewardWrapper(env, kart, frames_per_step=config.frame_skip)
