@@ -210,7 +210,7 @@ class EnvGroup:
                 done[i] = True
                 continue
             rewards[i] = float(reward)
-            # A race restarted mid-course trains, but its return and results are not a whole game's.
+            # An episode restarted mid-game (a race from a checkpoint) trains, but its results are not a game's.
             if "episode" in info and not info.get("restart"):
                 stats = {"return": info["episode"]["r"], "length": info["episode"]["l"],
                          "state": info.get("state_index"), **info.get("episode_extra_stats", {})}
