@@ -20,8 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's kart_lightning
 
 from kart_lightning.checkpointing import read_checkpoint
+from kart_lightning.cli import check_checkpoint
 from kart_lightning.envs import make_env
 from kart_lightning.envs.factory import env_config_from_dict
+from kart_lightning.envs.mario_kart.paths import GAME
+from kart_lightning.errors import ConfigError
 from kart_lightning.evaluation import Recording, play_episode
 from kart_lightning.module import ImpalaModule
 
@@ -47,17 +50,26 @@ def main() -> None:
     parser.add_argument("--track", required=True)
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--restarts", type=int, default=0, help="races with restarts along the course instead")
-    parser.add_argument("--past", type=int, default=0, help="with --restarts: the first-lap checkpoint to get past")
+    parser.add_argument("--past", type=int, help="with --restarts: the first-lap checkpoint to get past")
     args = parser.parse_args()
+    if args.restarts and args.past is None:
+        parser.error("--restarts counts the races that get past a checkpoint: name it with --past.")
 
-    data = read_checkpoint(args.ckpt_path)["datamodule_hyper_parameters"]
-    config = dataclasses.replace(env_config_from_dict(data["eval_env"] or data["env"]), retro_state=args.track)
+    try:
+        check_checkpoint(args.ckpt_path, None)
+        data = read_checkpoint(args.ckpt_path).get("datamodule_hyper_parameters") or {}
+        if "env" not in data or env_config_from_dict(data["eval_env"] or data["env"]).id != GAME:
+            raise ConfigError(f"{args.ckpt_path} is not a Super Mario Kart checkpoint: pass one written by "
+                              "kart_lightning fit with configs/impala.yaml or another Mario Kart config.")
+        config = dataclasses.replace(env_config_from_dict(data["eval_env"] or data["env"]), retro_state=args.track)
+        if args.restarts:
+            options = config.options
+            options = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options)
+            config = dataclasses.replace(config, options={**options, "restart_share": 0.99})
+        env = make_env(config, seed=EVAL_SEED)  # an unknown track is a ConfigError naming the known ones
+    except ConfigError as error:
+        parser.error(str(error))
     policy = ImpalaModule.load_from_checkpoint(args.ckpt_path, map_location="cpu", weights_only=True).policy
-    if args.restarts:
-        options = config.options
-        options = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options)
-        config = dataclasses.replace(config, options={**options, "restart_share": 0.99})
-    env = make_env(config, seed=EVAL_SEED)
     try:
         if not args.restarts:
             for seed in range(EVAL_SEED, EVAL_SEED + args.episodes):
