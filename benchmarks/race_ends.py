@@ -2,7 +2,8 @@
 the furthest checkpoint it reached, where that was, and how it spent the steps after it.
 
     python benchmarks/race_ends.py --ckpt_path checkpoints/impala/last.ckpt --track MarioCircuit.Act2
-    python benchmarks/race_ends.py --ckpt_path ... --track MarioCircuit.Act2 --restarts 40 --past 32
+    python benchmarks/race_ends.py --ckpt_path ... --track MarioCircuit.Act2 --restarts 40 --past 30
+    python benchmarks/race_ends.py --ckpt_path ... --track MarioCircuit.Act2 --restarts 40 --past 30 --drivers 30
 
 With `--restarts N` it plays N races with restarts along the course instead (the first from the
 grid, then each from a checkpoint an earlier one passed; see `restart_share`) and counts, per start
@@ -10,7 +11,7 @@ checkpoint, the races that got past checkpoint `--past` of the first lap: how of
 through a place from just before it. `--drivers N` then drives from the states kept at the three
 checkpoints up to `--past` without the policy, with the throttle held and N times at random
 (accelerating half the time), for whether the place is hard to get through or only hard for it,
-and prints the policy's mean action probabilities there (its first 10 steps after reaching `--past`).
+and prints the policy's mean action probabilities there (its first 10 steps at `--past`).
 Run it alone on the machine.
 """
 
@@ -31,9 +32,10 @@ from kart_lightning.checkpointing import read_checkpoint
 from kart_lightning.cli import check_checkpoint
 from kart_lightning.envs import make_env
 from kart_lightning.envs.factory import env_config_from_dict
-from kart_lightning.envs.mario_kart.actions import DRIVE
+from kart_lightning.envs.mario_kart.actions import ACTION_SETS
+from kart_lightning.envs.mario_kart.config import MarioKartConfig
 from kart_lightning.envs.mario_kart.paths import GAME
-from kart_lightning.envs.mario_kart.restarts import CheckpointRestarts
+from kart_lightning.envs.mario_kart.restarts import FIRST_LAP
 from kart_lightning.errors import ConfigError
 from kart_lightning.evaluation import Recording, play_episode
 from kart_lightning.module import ImpalaModule
@@ -43,7 +45,8 @@ EVAL_SEED = 1_000_000
 
 
 def race_end(infos: list[dict]) -> dict:
-    """The furthest point of one race (its first step there) and the steps after it."""
+    """The furthest point of one race (its first step there) and the steps after it, with the most
+    checkpoints lost in one step after it (`drop`) and the checkpoint that step landed on."""
     races = [info["race"] for info in infos if "race" in info]
     best = max(range(len(races)), key=lambda step: (races[step]["progress"], -step))
     tail = races[best + 1:]
@@ -67,12 +70,17 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--restarts", type=int, default=0, help="races with restarts along the course instead")
     parser.add_argument("--past", type=int, help="with --restarts: the first-lap checkpoint to get past")
-    parser.add_argument("--drivers", type=int, default=0, help="with --restarts: random drivers per kept state")
+    parser.add_argument("--drivers", type=int, default=0, help="with --restarts: from the states kept just before "
+                        "--past, the throttle held, this many random drivers, and the policy's action probabilities")
     args = parser.parse_args()
     if args.restarts and args.past is None:
         parser.error("--restarts counts the races that get past a checkpoint: name it with --past.")
     if args.drivers and not args.restarts:
         parser.error("--drivers starts from the states that --restarts races keep: add --restarts N --past C.")
+    if args.past is not None and not args.restarts:
+        parser.error("--past counts restarted races: add --restarts N, or leave --past out.")
+    if min(args.episodes, args.restarts, args.drivers) < 0 or args.episodes == 0:
+        parser.error("--episodes must be at least 1, and --restarts and --drivers at least 0.")
 
     try:
         check_checkpoint(args.ckpt_path, None)
@@ -106,86 +114,110 @@ def main() -> None:
             recording = Recording(0)
             play_episode(policy, env, EVAL_SEED + race, False, recording)
             start = "grid" if "restart" not in recording.infos[0] else recording.infos[0]["race"]["checkpoint"]
-            # RAM lap 128 is the first lap (127 on the grid, and again after backing over the line).
-            through = any(info["lap"] > 128 or info["lap"] == 128 and info["race"]["checkpoint"] > args.past
-                          for info in recording.infos[1:])
+            passed_it = any(got_past(info, args.past) for info in recording.infos[1:])
             tried[start] += 1
-            passed[start] += through
+            passed[start] += passed_it
             end = race_end(recording.infos)
-            if not through and end["drop"] > 1:
+            if not passed_it and end["drop"] > 1:
                 put_back[start] += 1
         for start in sorted(tried, key=lambda start: -1 if start == "grid" else start):
             print(f"from {start}: past checkpoint {args.past} in {passed[start]} of {tried[start]}"
                   + (f"; put back along the course at once in {put_back[start]}" if put_back[start] else ""))
         if args.drivers:
-            drive_without_policy(env, args.past, args.drivers)
-            policy_actions(policy, env, args.past)
+            kept = env.get_wrapper_attr("kept").get(0, {})
+            kept = {start: kept[start] for start in range(args.past - 2, args.past + 1) if start in kept}
+            if not kept:
+                print(f"no race reached checkpoints {args.past - 2}-{args.past}: nothing to drive from.")
+                return
+            options = config.options if isinstance(config.options, dict) else dataclasses.asdict(config.options)
+            defaults = MarioKartConfig()
+            actions = list(ACTION_SETS[options.get("actions", defaults.actions)])
+            steps = options.get("stall_steps", defaults.stall_steps) or 150
+            drive_without_policy(env, kept, args.past, args.drivers, actions, steps)
+            policy_actions(policy, env, kept, args.past, actions, steps)
     finally:
         env.close()
 
 
-def drive_without_policy(env, past: int, drivers: int) -> None:
-    """From each state kept at the three checkpoints up to `past`, the throttle held for a race and
-    `drivers` random drivers (accelerate ½, accelerate left or right ⅕ each, the rest ¼ among them):
-    how many get past `past`, in at most 150 steps each."""
-    restarts = env
-    while not isinstance(restarts, CheckpointRestarts):
-        restarts = restarts.env
-    kept = restarts.kept.get(0, {})
-    names = list(DRIVE)
-    weights = [{"accelerate": 0.5, "accelerate_left": 0.2, "accelerate_right": 0.2}.get(name, 0.1 / (len(names) - 3))
-               for name in names]
-    throttle, pick = names.index("accelerate"), random.Random(0)
-    for start in [start for start in range(past - 2, past + 1) if start in kept]:
-        restarts.kept = {0: {start: kept[start]}}  # every restart from this state alone
-        results = [through(env, past, lambda: throttle)]
-        results += [through(env, past, lambda: pick.choices(range(len(names)), weights)[0]) for _ in range(drivers)]
+def got_past(info: dict, past: int) -> bool:
+    """Whether a step's info is past checkpoint `past` of the first lap (RAM lap FIRST_LAP; 127 on
+    the grid, and again after backing over the line)."""
+    return info["lap"] > FIRST_LAP or info["lap"] == FIRST_LAP and info["race"]["checkpoint"] > past
+
+
+def restart_from(env, state: bytes):
+    """Reset `env` (restart_share 0.99) to `state` alone: its CheckpointRestarts keeps only it, and
+    a draw that started on the grid (1 in 100) is drawn again."""
+    while True:
+        env.set_wrapper_attr("kept", {0: {0: state}})
+        obs, info = env.reset()
+        if info.get("restart"):
+            return obs, info
+
+
+def drive_without_policy(env, kept: dict[int, bytes], past: int, drivers: int, actions: list[str], steps: int) -> None:
+    """From each state in `kept` (checkpoint -> emulator state), one race with the throttle held and
+    `drivers` with random actions (accelerate ½, accelerate left or right ⅕ each, the others sharing
+    the rest): how many get past `past` within `steps` agent steps."""
+    weights = {"accelerate": 0.5, "accelerate_left": 0.2, "accelerate_right": 0.2}
+    rest = (1 - sum(weights.values())) / (len(actions) - len(weights))
+    weights = [weights.get(name, rest) for name in actions]
+    throttle = actions.index("accelerate")
+    for start, state in kept.items():
+        pick = random.Random(start)
+        results = [through(env, state, past, lambda: throttle, steps)]
+        results += [through(env, state, past, lambda pick=pick: pick.choices(range(len(actions)), weights)[0], steps)
+                    for _ in range(drivers)]
         print(f"from {start} without the policy: throttle held {'gets' if results[0] else 'does not get'} past "
               f"checkpoint {past}; random drivers get past in {sum(results[1:])} of {drivers}")
 
 
-def policy_actions(policy, env, past: int, races: int = 10) -> None:
-    """The policy's action probabilities on its way through: averaged over the first 10 steps after
-    reaching checkpoint `past` on the first lap (the throttle held crosses ~7 steps past it on
-    Mario Circuit 2's jump) of `races` races restarted from the states `drive_without_policy` used."""
-    restarts = env
-    while not isinstance(restarts, CheckpointRestarts):
-        restarts = restarts.env
-    kept = {start: state for start, state in restarts.kept.get(0, {}).items() if past - 2 <= start <= past}
-    probabilities = []
-    torch.manual_seed(EVAL_SEED)
-    for race in range(races):
-        restarts.kept = {0: dict(kept)}
-        obs, info = env.reset()
-        action, reward = torch.zeros(1, dtype=torch.int64), torch.zeros(1)
-        done, core_state = torch.ones(1, dtype=torch.bool), policy.initial_state(1)
-        approach = 0
-        for _ in range(150):
-            action, logits, _, core_state = policy.act(torch.from_numpy(np.asarray(obs)).unsqueeze(0), action, reward, done,
-                                                       core_state, False)
-            if info["race"]["checkpoint"] == past and info["race"]["laps_completed"] == 0 and approach < 10:
-                probabilities.append(torch.softmax(logits[0], 0))
-                approach += 1
-            obs, step_reward, terminated, truncated, info = env.step(int(action))
-            reward.fill_(float(step_reward))
-            done.fill_(False)
-            if terminated or truncated or info["race"]["checkpoint"] > past:
-                break
-    if probabilities:
-        mean = torch.stack(probabilities).mean(0)
-        print(f"the policy at checkpoint {past} ({len(probabilities)} steps of {races} races): "
-              + ", ".join(f"{name} {share:.2f}" for name, share in zip(DRIVE, mean.tolist())))
-
-
-def through(env, past: int, action, steps: int = 150) -> bool:
-    env.reset()  # restart_share 0.99: from the one kept state (a 1 in 100 grid start shows as no pass)
+def through(env, state: bytes, past: int, action, steps: int) -> bool:
+    """One race from `state` with `action()` each step: whether it gets past `past` in `steps`."""
+    restart_from(env, state)
     for _ in range(steps):
         _, _, terminated, truncated, info = env.step(action())
-        if info["lap"] > 128 or info["lap"] == 128 and info["race"]["checkpoint"] > past:
+        if got_past(info, past):
             return True
         if terminated or truncated:
             return False
     return False
+
+
+@torch.no_grad()
+def policy_actions(policy, env, kept: dict[int, bytes], past: int, actions: list[str], steps: int,
+                   races_per_state: int = 5, approach: int = 10) -> None:
+    """The policy's mean action probabilities over the first `approach` steps after it reaches
+    checkpoint `past` on the first lap, in `races_per_state` sampled races from each state in
+    `kept` (each started with a fresh core state and no previous action, as a restart is)."""
+    probabilities, races = [], 0
+    for state in kept.values():
+        for race in range(races_per_state):
+            torch.manual_seed(EVAL_SEED + race)  # the caller's generator is not used after this
+            obs, info = restart_from(env, state)
+            races += 1
+            action, reward = torch.zeros(1, dtype=torch.int64), torch.zeros(1)
+            done, core_state = torch.ones(1, dtype=torch.bool), policy.initial_state(1)
+            seen = 0
+            for _ in range(steps):
+                frame = torch.from_numpy(np.asarray(obs)).unsqueeze(0)
+                action, logits, _, core_state = policy.act(frame, action, reward, done, core_state, False)
+                # a restart's first info (stable-retro's reset gives none of its own) has no "lap": it is the first lap
+                if info.get("lap", FIRST_LAP) == FIRST_LAP and info["race"]["checkpoint"] == past and seen < approach:
+                    probabilities.append(torch.softmax(logits[0], 0))
+                    seen += 1
+                obs, step_reward, terminated, truncated, info = env.step(int(action))
+                reward.fill_(float(step_reward))
+                done.fill_(False)
+                if terminated or truncated or got_past(info, past) or seen == approach:
+                    break
+    if not probabilities:
+        print(f"the policy reached checkpoint {past} in none of {races} races from the kept states.")
+        return
+    mean = torch.stack(probabilities).mean(0)
+    print(f"the policy over its first {approach} steps at checkpoint {past} ({len(probabilities)} steps of "
+          f"{races} races from the kept states): "
+          + ", ".join(f"{name} {share:.2f}" for name, share in zip(actions, mean.tolist())))
 
 
 if __name__ == "__main__":
