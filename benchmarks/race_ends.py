@@ -22,7 +22,6 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,9 +88,9 @@ def main() -> None:
             raise ConfigError(f"{args.ckpt_path} is not a Super Mario Kart checkpoint: pass one written by "
                               "kart_lightning fit with configs/impala.yaml or another Mario Kart config.")
         config = dataclasses.replace(env_config_from_dict(data["eval_env"] or data["env"]), retro_state=args.track)
+        options = config.options
+        options = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options)
         if args.restarts:
-            options = config.options
-            options = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options)
             config = dataclasses.replace(config, options={**options, "restart_share": 0.99})
         env = make_env(config, seed=EVAL_SEED)  # an unknown track is a ConfigError naming the known ones
     except ConfigError as error:
@@ -129,12 +128,11 @@ def main() -> None:
             if not kept:
                 print(f"no race reached checkpoints {args.past - 2}-{args.past}: nothing to drive from.")
                 return
-            options = config.options if isinstance(config.options, dict) else dataclasses.asdict(config.options)
             defaults = MarioKartConfig()
             actions = list(ACTION_SETS[options.get("actions", defaults.actions)])
             steps = options.get("stall_steps", defaults.stall_steps) or 150
             drive_without_policy(env, kept, args.past, args.drivers, actions, steps)
-            policy_actions(policy, env, kept, args.past, actions, steps)
+            policy_actions(policy, env, kept, args.past, actions)
     finally:
         env.close()
 
@@ -184,33 +182,45 @@ def through(env, state: bytes, past: int, action, steps: int) -> bool:
     return False
 
 
-@torch.no_grad()
-def policy_actions(policy, env, kept: dict[int, bytes], past: int, actions: list[str], steps: int,
+class WatchedPolicy:
+    """The policy as `play_episode` drives it, keeping the action probabilities of every step."""
+
+    def __init__(self, policy: torch.jit.ScriptModule):
+        self.policy = policy
+        self.probabilities: list[torch.Tensor] = []
+
+    def parameters(self):
+        return self.policy.parameters()
+
+    def initial_state(self, batch_size: int):
+        return self.policy.initial_state(batch_size)
+
+    def act(self, *args):
+        action, logits, baseline, core_state = self.policy.act(*args)
+        self.probabilities.append(torch.softmax(logits[0], 0))
+        return action, logits, baseline, core_state
+
+
+def policy_actions(policy, env, kept: dict[int, bytes], past: int, actions: list[str],
                    races_per_state: int = 5, approach: int = 10) -> None:
-    """The policy's mean action probabilities over the first `approach` steps after it reaches
-    checkpoint `past` on the first lap, in `races_per_state` sampled races from each state in
-    `kept` (each started with a fresh core state and no previous action, as a restart is)."""
+    """The policy's mean action probabilities over its first `approach` steps at checkpoint `past`
+    of the first lap, in `races_per_state` sampled races (`play_episode`, seeds EVAL_SEED on) from
+    each state in `kept`; a race the 1-in-100 draw started on the grid is left out."""
     probabilities, races = [], 0
     for state in kept.values():
         for race in range(races_per_state):
-            torch.manual_seed(EVAL_SEED + race)  # the caller's generator is not used after this
-            obs, info = restart_from(env, state)
+            env.set_wrapper_attr("kept", {0: {0: state}})
+            watched, recording = WatchedPolicy(policy), Recording(0)
+            play_episode(watched, env, EVAL_SEED + race, False, recording)
+            if not recording.infos[0].get("restart"):
+                continue
             races += 1
-            action, reward = torch.zeros(1, dtype=torch.int64), torch.zeros(1)
-            done, core_state = torch.ones(1, dtype=torch.bool), policy.initial_state(1)
-            seen = 0
-            for _ in range(steps):
-                frame = torch.from_numpy(np.asarray(obs)).unsqueeze(0)
-                action, logits, _, core_state = policy.act(frame, action, reward, done, core_state, False)
-                # a restart's first info (stable-retro's reset gives none of its own) has no "lap": it is the first lap
-                if info.get("lap", FIRST_LAP) == FIRST_LAP and info["race"]["checkpoint"] == past and seen < approach:
-                    probabilities.append(torch.softmax(logits[0], 0))
-                    seen += 1
-                obs, step_reward, terminated, truncated, info = env.step(int(action))
-                reward.fill_(float(step_reward))
-                done.fill_(False)
-                if terminated or truncated or got_past(info, past) or seen == approach:
-                    break
+            # infos[i] is what the policy saw before its step i; a restart's first info (stable-retro's
+            # reset gives none of its own) has no "lap": it starts on the first lap.
+            before = next((i for i, info in enumerate(recording.infos) if i and got_past(info, past)), None)
+            at = [i for i, info in enumerate(recording.infos[:before][:len(watched.probabilities)])
+                  if info.get("lap", FIRST_LAP) == FIRST_LAP and info["race"]["checkpoint"] == past]
+            probabilities += [watched.probabilities[i] for i in at[:approach]]
     if not probabilities:
         print(f"the policy reached checkpoint {past} in none of {races} races from the kept states.")
         return
