@@ -34,6 +34,7 @@ from kart_lightning.envs.mario_kart.menus import (
     power_on_to_course_select,
 )
 from kart_lightning.envs.mario_kart.paths import GAME, PACKAGE_INTEGRATION_DIR, user_game_dir
+from kart_lightning.envs.mario_kart.restarts import restart_checkpoint
 from kart_lightning.envs.mario_kart.tracks import GP50_STARTS, TRACKS, get_start_state, get_track
 from kart_lightning.errors import ConfigError
 
@@ -418,6 +419,37 @@ def test_a_restart_share_of_one_or_more_is_a_config_error() -> None:
         make_env(EnvConfig(id=GAME, options=MarioKartConfig(restart_share=1.0)))
 
 
+def test_an_unknown_restart_from_is_a_config_error_naming_both() -> None:
+    with pytest.raises(EnvConfigError, match="use anywhere .* or race_ends"):
+        make_env(EnvConfig(id=GAME, options=MarioKartConfig(restart_share=0.5, restart_from="finish")))
+
+
+def test_anywhere_restarts_draw_every_kept_checkpoint_alike() -> None:
+    rng = np.random.default_rng(0)
+    starts = [restart_checkpoint([0, 5, 9], [9, None], "anywhere", rng) for _ in range(3000)]
+    assert {start: starts.count(start) for start in set(starts)} == pytest.approx({0: 1000, 5: 1000, 9: 1000}, abs=100)
+
+
+def test_race_end_restarts_start_up_to_three_checkpoints_before_where_races_ended() -> None:
+    rng = np.random.default_rng(0)
+    kept = list(range(31))
+    # Of the last four races two stopped at checkpoint 30, one at 12, one got past its first lap.
+    starts = [restart_checkpoint(kept, [30, 12, None, 30], "race_ends", rng) for _ in range(4000)]
+    counts = {start: starts.count(start) for start in set(starts)}
+    assert set(counts) == {27, 28, 29, 30, 9, 10, 11, 12, None}
+    assert sum(counts[c] for c in (27, 28, 29, 30)) == pytest.approx(2000, abs=150)
+    assert sum(counts[c] for c in (9, 10, 11, 12)) == pytest.approx(1000, abs=120)
+    assert counts[None] == pytest.approx(1000, abs=120), "a race that got round: the grid"
+
+
+def test_race_end_restarts_start_on_the_grid_with_nothing_kept_near_an_end() -> None:
+    rng = np.random.default_rng(0)
+    assert restart_checkpoint([20, 21], [5], "race_ends", rng) is None  # kept only past it
+    assert restart_checkpoint([20, 21], [], "race_ends", rng) is None  # no race ended yet
+    assert restart_checkpoint([], [21], "race_ends", rng) is None
+    assert restart_checkpoint([18, 21, 25], [22], "race_ends", rng) == 21
+
+
 # Several tracks (how a list is dealt to envs is specified for every stable-retro game in test_envs.py)
 
 
@@ -577,6 +609,39 @@ def test_a_restarted_race_starts_at_speed_where_an_earlier_race_passed_a_checkpo
     assert lap == 128 and start["race"]["checkpoint"] in (0, 1) and start["race"]["speed"] > 300
     # Checkpoints lie about 12 steps apart at full speed here.
     assert start["race"]["progress"] == 0 and sum(rewards) >= 1, "it races on from there, rewarded as ever"
+
+
+@pytest.mark.needs_rom
+def test_a_race_end_restart_starts_just_before_where_the_race_before_it_ended(in_rom_cache: Path) -> None:
+    env = _kart_env(restart_share=0.99, restart_from="race_ends")
+    try:
+        # Over the line, round the first bend and on to about checkpoint 8, then cut there.
+        _, first = _drive(env, [("accelerate", 40), ("accelerate_left", 12), ("accelerate", 48)])
+        _, start = env.reset()
+        ends = list(env.get_wrapper_attr("ends")[0])
+        rewards, _ = _drive(env, [("accelerate", 15)])
+    finally:
+        env.close()
+    end = first[-1]["race"]["checkpoint"]
+    assert first[-1]["lap"] == 128 and end >= 6 and ends == [end]
+    assert start["restart"] and end - 3 <= start["race"]["checkpoint"] <= end
+    assert sum(rewards) >= 1, "it races on from there"
+
+
+@pytest.mark.slow
+@pytest.mark.needs_rom
+def test_after_a_race_that_got_round_its_first_lap_a_race_end_restart_starts_on_the_grid(in_rom_cache: Path) -> None:
+    env = _kart_env(restart_share=0.99, restart_from="race_ends")
+    try:
+        _drive(env, [("accelerate", 25)])  # over the line: states kept
+        env.unwrapped.data.set_value("lap", 129)  # and on into its second lap
+        _, infos = _drive(env, [("accelerate", 1)])
+        _, start = env.reset()
+        lap = env.unwrapped.data.lookup_all()["lap"]
+    finally:
+        env.close()
+    assert infos[-1]["lap"] == 129
+    assert "restart" not in start and lap == 127
 
 
 @pytest.mark.slow

@@ -6,6 +6,8 @@ EnvConfig holds one as `mario_kart`; other games ignore it.
 from dataclasses import dataclass
 from typing import Literal
 
+from kart_lightning.envs.mario_kart.restarts import RestartFrom
+
 ActionSetName = Literal["drive", "race", "drive_item"]
 ViewName = Literal["driver", "full"]
 
@@ -33,6 +35,11 @@ class MarioKartConfig:
             the grid (CheckpointRestarts): the far parts of a course get practised as often as its
             start. Such episodes train but are left out of the episode statistics. 0: every race
             starts on the grid, as `test` and evaluation always do.
+        restart_from: where restarts start: 'anywhere', a checkpoint drawn uniformly; 'race_ends',
+            up to 3 checkpoints before where one of the track's last 100 races ended, drawn
+            uniformly among them (the grid if that race got past its first lap), so the places
+            where races stop are practised most, and a track whose races get round is driven
+            from the grid.
     """
 
     actions: ActionSetName = "drive"
@@ -46,3 +53,4 @@ class MarioKartConfig:
     laps: int = 5
     stall_steps: int | None = 150
     restart_share: float = 0.0
+    restart_from: RestartFrom = "anywhere"

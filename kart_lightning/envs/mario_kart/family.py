@@ -55,6 +55,11 @@ def kart_options(config: EnvConfig) -> MarioKartConfig:
         raise EnvConfigError(
             f"options.restart_share is {kart.restart_share}: set it from 0 (every race on the grid) to below 1."
         )
+    if kart.restart_from not in ("anywhere", "race_ends"):
+        raise EnvConfigError(
+            f"Unknown options.restart_from '{kart.restart_from}': use anywhere (a checkpoint drawn "
+            "uniformly) or race_ends (just before where recent races ended)."
+        )
     return kart
 
 
@@ -64,7 +69,7 @@ def make_mario_kart(config: EnvConfig, env_index: int) -> gymnasium.Env:
     _prepare(config)
     env = open_emulator(config, env_index, stable_retro.Actions.ALL)
     if kart.restart_share > 0:
-        env = CheckpointRestarts(env, kart.restart_share)
+        env = CheckpointRestarts(env, kart.restart_share, kart.restart_from)
     env = discrete_actions(env, kart.actions)
     # Beneath the frame skip, so that the reward sees every frame's RAM (see RaceRewardWrapper).
     env = RaceRewardWrapper(env, kart, frames_per_step=config.frame_skip)
