@@ -91,7 +91,8 @@ def main() -> None:
         options = config.options
         options = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options)
         if args.restarts:
-            config = dataclasses.replace(config, options={**options, "restart_share": 0.99})
+            # Restarts from any kept checkpoint, whatever the run trained with: the tally is per start.
+            config = dataclasses.replace(config, options={**options, "restart_share": 0.99, "restart_from": "anywhere"})
         env = make_env(config, seed=EVAL_SEED)  # an unknown track is a ConfigError naming the known ones
     except ConfigError as error:
         parser.error(str(error))
@@ -130,7 +131,7 @@ def main() -> None:
                 return
             defaults = MarioKartConfig()
             actions = list(ACTION_SETS[options.get("actions", defaults.actions)])
-            steps = options.get("stall_steps", defaults.stall_steps) or 150
+            steps = options.get("stall_steps", defaults.stall_steps) or defaults.stall_steps  # null: never cut
             drive_without_policy(env, kept, args.past, args.drivers, actions, steps)
             policy_actions(policy, env, kept, args.past, actions)
     finally:
@@ -143,7 +144,7 @@ def got_past(info: dict, past: int) -> bool:
     return info["lap"] > FIRST_LAP or info["lap"] == FIRST_LAP and info["race"]["checkpoint"] > past
 
 
-def restart_from(env, state: bytes):
+def reset_to(env, state: bytes):
     """Reset `env` (restart_share 0.99) to `state` alone: its CheckpointRestarts keeps only it, and
     a draw that started on the grid (1 in 100) is drawn again."""
     while True:
@@ -172,7 +173,7 @@ def drive_without_policy(env, kept: dict[int, bytes], past: int, drivers: int, a
 
 def through(env, state: bytes, past: int, action, steps: int) -> bool:
     """One race from `state` with `action()` each step: whether it gets past `past` in `steps`."""
-    restart_from(env, state)
+    reset_to(env, state)
     for _ in range(steps):
         _, _, terminated, truncated, info = env.step(action())
         if got_past(info, past):

@@ -76,18 +76,19 @@ class CheckpointRestarts(gymnasium.Wrapper):
         self.restarted = False
         self._rng = np.random.default_rng()
         self._furthest = -1
-        self._episode: tuple[int, bool] | None = None
-        """The episode under way: its track, and whether its last step was on the first lap."""
+        self._episode_track: int | None = None
+        """The track of the episode under way; None before the first."""
+        self._on_first_lap = False
+        """Whether the episode's latest step was on its first lap."""
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[Any, dict[str, Any]]:
         if seed is not None:
             self._rng = np.random.default_rng(seed)
-        if self._episode is not None:
-            track, on_first_lap = self._episode
-            end = self._furthest if on_first_lap and self._furthest >= 0 else None
-            self.ends.setdefault(track, deque(maxlen=ENDS_KEPT)).append(end)
+        if self._episode_track is not None:
+            end = self._furthest if self._on_first_lap and self._furthest >= 0 else None
+            self.ends.setdefault(self._episode_track, deque(maxlen=ENDS_KEPT)).append(end)
         obs, info = self.env.reset(seed=seed, options=options)
         track = self._track()
         kept = self.kept.get(track, {})
@@ -99,17 +100,17 @@ class CheckpointRestarts(gymnasium.Wrapper):
             obs, info = self._load(kept[start])
             info["restart"] = True
         ram = self.env.unwrapped.data.lookup_all()
-        self._furthest = ram["checkpoint"] if ram["lap"] == FIRST_LAP else -1
-        self._episode = (track, ram["lap"] == FIRST_LAP)
+        self._on_first_lap = ram["lap"] == FIRST_LAP
+        self._furthest = ram["checkpoint"] if self._on_first_lap else -1
+        self._episode_track = track
         return obs, info
 
     def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
         obs, reward, terminated, truncated, info = self.env.step(action)
-        track = info.get("state_index", 0)
-        self._episode = (track, info["lap"] == FIRST_LAP)
-        if info["lap"] == FIRST_LAP and info["checkpoint"] > self._furthest:
+        self._on_first_lap = info["lap"] == FIRST_LAP
+        if self._on_first_lap and info["checkpoint"] > self._furthest:
             self._furthest = info["checkpoint"]
-            self.kept.setdefault(track, {})[self._furthest] = self.env.unwrapped.em.get_state()
+            self.kept.setdefault(self._episode_track, {})[self._furthest] = self.env.unwrapped.em.get_state()
         if self.restarted:
             info["restart"] = True
         return obs, reward, terminated, truncated, info
