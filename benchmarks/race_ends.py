@@ -131,7 +131,8 @@ def main() -> None:
                 return
             defaults = MarioKartConfig()
             actions = list(ACTION_SETS[options.get("actions", defaults.actions)])
-            steps = options.get("stall_steps", defaults.stall_steps) or defaults.stall_steps  # null: never cut
+            # A run that never cuts a race (stall_steps null) still bounds these tries by the default.
+            steps = options.get("stall_steps", defaults.stall_steps) or defaults.stall_steps
             drive_without_policy(env, kept, args.past, args.drivers, actions, steps)
             policy_actions(policy, env, kept, args.past, actions)
     finally:
