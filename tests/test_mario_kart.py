@@ -424,6 +424,11 @@ def test_an_unknown_restart_from_is_a_config_error_naming_both() -> None:
         make_env(EnvConfig(id=GAME, options=MarioKartConfig(restart_share=0.5, restart_from="finish")))
 
 
+def test_an_unknown_progress_is_a_config_error_naming_both() -> None:
+    with pytest.raises(EnvConfigError, match="use net .* or furthest"):
+        make_env(EnvConfig(id=GAME, options=MarioKartConfig(progress="best")))
+
+
 def test_anywhere_restarts_draw_every_kept_checkpoint_alike() -> None:
     rng = np.random.default_rng(0)
     starts = [restart_checkpoint([0, 5, 9], [9, None], "anywhere", rng) for _ in range(3000)]

@@ -76,6 +76,28 @@ def test_progress_reward_sums_to_the_net_checkpoints_gained() -> None:
     assert sum(rewards(reward, [ram(lap, checkpoint) for lap, checkpoint in walk])) == 0.5 * 2
 
 
+def test_furthest_progress_pays_only_checkpoints_past_the_races_best() -> None:
+    walk = [(128, 0), (128, 1), (128, 2), (128, 1), (128, 0), (128, 1), (128, 2), (128, 3)]
+    reward = race(progress="furthest", **ONLY_PROGRESS)
+    assert rewards(reward, [ram(lap, checkpoint) for lap, checkpoint in walk]) == [1, 1, 1, 0, 0, 0, 0, 1]
+    assert reward.info()["progress"] == 4
+
+
+def test_furthest_progress_costs_nothing_when_the_game_puts_the_kart_back() -> None:
+    forward = [ram(128, checkpoint) for checkpoint in range(11)]
+    put_back = ram(128, 1)
+    net, furthest = race(**ONLY_PROGRESS), race(progress="furthest", **ONLY_PROGRESS)
+    assert rewards(net, [*forward, put_back]) == [1.0] * 11 + [-9.0]
+    assert rewards(furthest, [*forward, put_back]) == [1.0] * 11 + [0.0]
+    assert net.extra_stats()["checkpoints"] == furthest.extra_stats()["checkpoints"] == 2
+
+
+def test_furthest_and_net_progress_sum_alike_once_past_the_furthest() -> None:
+    walk = [(128, 0), (128, 1), (127, 29), (127, 28), (127, 29), (128, 0), (128, 1), (128, 2)]
+    sums = [sum(rewards(race(progress=mode, **ONLY_PROGRESS), [ram(*at) for at in walk])) for mode in ("net", "furthest")]
+    assert sums == [3.0, 3.0]
+
+
 # Penalties
 
 

@@ -10,6 +10,7 @@ from kart_lightning.envs.mario_kart.restarts import RestartFrom
 
 ActionSetName = Literal["drive", "race", "drive_item"]
 ViewName = Literal["driver", "full"]
+ProgressName = Literal["net", "furthest"]
 
 
 @dataclass
@@ -21,7 +22,12 @@ class MarioKartConfig:
             'race': drive's five that accelerate (no coasting, no brake);
             'drive_item': drive's and accelerate while using the item (GP races only).
         view: 'driver': the upper screen half, the kart's view without the minimap; 'full': both halves.
-        progress_reward: per checkpoint passed (about 30-40 a lap); minus this per checkpoint driven back.
+        progress_reward: per checkpoint passed (about 30-40 a lap); see `progress` for going back.
+        progress: 'net': minus progress_reward per checkpoint driven back, or put back by the game
+            (a jump that comes down on an earlier stretch of road), so the reward sums to the net
+            checkpoints gained; 'furthest': paid only for checkpoints past the furthest the race
+            has reached, so going back costs the time to regain it and nothing else (the
+            wrong-way penalty still applies). Episode statistics count net checkpoints either way.
         lap_reward: per lap completed (each lap counts once, however often the line is recrossed).
         wrong_way_penalty: per agent step while Lakitu shows his wrong-way sign.
         fall_penalty: per fall off the track or into deep water or lava.
@@ -45,6 +51,7 @@ class MarioKartConfig:
     actions: ActionSetName = "drive"
     view: ViewName = "driver"
     progress_reward: float = 1.0
+    progress: ProgressName = "net"
     lap_reward: float = 10.0
     wrong_way_penalty: float = 0.1
     fall_penalty: float = 5.0

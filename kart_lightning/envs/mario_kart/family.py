@@ -45,6 +45,11 @@ def kart_options(config: EnvConfig) -> MarioKartConfig:
         )
     if kart.view not in ("driver", "full"):
         raise EnvConfigError(f"Unknown Super Mario Kart view '{kart.view}': use 'driver' or 'full'.")
+    if kart.progress not in ("net", "furthest"):
+        raise EnvConfigError(
+            f"Unknown options.progress '{kart.progress}': use net (checkpoints driven back cost "
+            "their reward) or furthest (only checkpoints past the race's furthest pay)."
+        )
     if not 1 <= kart.laps <= RACE_LAPS:
         raise EnvConfigError(f"options.laps is {kart.laps}: set it to 1 to {RACE_LAPS}, the race's laps.")
     if kart.stall_steps is not None and kart.stall_steps < 1:

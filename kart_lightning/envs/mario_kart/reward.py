@@ -26,8 +26,9 @@ class RaceReward:
 
     Progress is `lap * checkpoint_count + checkpoint`: the checkpoint wraps to 0 as the lap counter
     goes up at the line (and back as it goes down), so progress just counts checkpoints, forwards
-    and backwards alike; its reward therefore sums to the net checkpoints gained, and driving back
-    and forth over one earns nothing. Per-step weights are spread over the `frames_per_step`
+    and backwards alike; its reward (`progress: net`) therefore sums to the net checkpoints gained,
+    and driving back and forth over one earns nothing. With `progress: furthest` it pays only for
+    progress beyond the race's best, which sums to the same once the race is past it. Per-step weights are spread over the `frames_per_step`
     frames of an agent step, and the stall limit is counted in frames.
     """
 
@@ -56,7 +57,10 @@ class RaceReward:
         """Reward for the frame that led to `ram`, whether the race is finished, whether it stalled."""
         config = self.config
         progress = self._raw_progress(ram) - self._start
-        reward = config.progress_reward * (progress - self._progress)
+        if config.progress == "furthest":
+            reward = config.progress_reward * max(0, progress - self._best_progress)
+        else:
+            reward = config.progress_reward * (progress - self._progress)
         self._progress = progress
 
         lap = ram["lap"]
