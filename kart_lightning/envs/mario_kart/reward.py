@@ -28,8 +28,9 @@ class RaceReward:
     goes up at the line (and back as it goes down), so progress just counts checkpoints, forwards
     and backwards alike; its reward (`progress: net`) therefore sums to the net checkpoints gained,
     and driving back and forth over one earns nothing. With `progress: furthest` it pays only for
-    progress beyond the race's best, which sums to the same once the race is past it. Per-step weights are spread over the `frames_per_step`
-    frames of an agent step, and the stall limit is counted in frames.
+    progress beyond the race's best, which sums to the same once the race is past it. Per-step
+    weights are spread over the `frames_per_step` frames of an agent step, and the stall limit is
+    counted in frames.
     """
 
     def __init__(self, config: MarioKartConfig, frames_per_step: int = 1):
