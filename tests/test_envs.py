@@ -82,11 +82,33 @@ def test_time_limit_truncates_rather_than_terminates(env_id: str):
 def frames_played(seed: int, steps: int = 30) -> np.ndarray:
     """`[steps + 1, 4, 84, 84] uint8`: Pong from `make_env(seed)` and a plain reset, under actions
     sampled from its action space. Pong's first frame is the same whatever the seed; the frames
-    after it depend on the sampled actions and on ALE's sticky actions."""
+    after it depend on the sampled actions and on the seeded number of no-ops at reset."""
     with built(EnvConfig(id="ALE/Pong-v5"), seed=seed) as env:
         frames = [env.reset()[0]]
         frames += [env.step(env.action_space.sample())[0] for _ in range(steps)]
     return np.stack(frames)
+
+
+def test_a_pong_point_is_paid_in_the_step_whose_frame_shows_it_or_the_step_before():
+    """The reward and the frame of a step line up: the score at the top of the newest frame
+    changes in the step that pays the point or, as the screen draws the score a frame after the
+    game counts it, in the step after; never before it, and never without a point."""
+    with built(EnvConfig(id="ALE/Pong-v5")) as env:
+        env.reset()
+        obs = env.step(0)[0]  # the reset frame shows no score yet: compare from the first step on
+        steps = []  # (reward, whether the score rows of the newest frame changed)
+        for _ in range(600):
+            new, reward, terminated, truncated, _ = env.step(env.action_space.sample())
+            steps.append((reward, not np.array_equal(new[-1, :9], obs[-1, :9])))
+            obs = new
+            assert not (terminated or truncated), "a Pong game outlasts 600 steps of random play"
+    paid = [t for t, (reward, _) in enumerate(steps) if reward != 0]
+    assert len(paid) >= 10
+    for t, (reward, changed) in enumerate(steps):
+        if changed:
+            assert t in paid or t - 1 in paid, f"the score changed at step {t} with no point paid then or just before"
+    for t in paid:
+        assert steps[t][1] or steps[t + 1][1], f"the point paid at step {t} shows on neither that frame nor the next"
 
 
 def test_the_same_seed_plays_the_same_frames():
