@@ -181,6 +181,7 @@ class ImpalaModule(LightningModule):
         self._throughput = deque(maxlen=50)
         self._rank_frames = 0
         self._rank_throughput = deque(maxlen=50)
+        self._batch_size = 1  # unrolls in the last training batch, for logging
 
     def forward(self, batch: dict[str, torch.Tensor]):
         return self.policy(
@@ -322,12 +323,20 @@ class ImpalaModule(LightningModule):
             return mirror(batch, self.mirror_index, flip)
         return {**batch, "obs": random_shift(batch["obs"], self.hparams.shift_pad)}
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Lightning calls this before it clips (trainer.gradient_clip_val), so the norm is the raw
+        # one: with losses summed over T x B, how far above the clip it sits sets the step size.
+        grads = [p.grad.detach() for p in self.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            self.log("train/grad_norm", norm, batch_size=self._batch_size)
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.env_frames >= self.hparams.max_frames:
             self.trainer.should_stop = True
 
     def _log_training(self, batch: dict[str, torch.Tensor], losses: dict[str, torch.Tensor], job: JobStep) -> None:
-        batch_size = batch["reward"].shape[1]
+        batch_size = self._batch_size = batch["reward"].shape[1]
         for name, value in losses.items():
             self.log(f"train/{name}", value.detach(), batch_size=batch_size)
         env_frames = int(self.env_frames)

@@ -331,3 +331,23 @@ def test_a_time_limit_cut_carries_the_value_of_its_last_observation_and_a_termin
             assert truncation_value != 0.0, "a truncated episode bootstraps from V(last observation)"
         else:
             assert truncation_value == 0.0, "the pole fell: a terminal step has no value beyond it"
+
+
+@pytest.mark.slow
+def test_the_logged_gradient_norm_is_the_one_before_the_clip(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # A clip far below any real norm: a norm logged after clipping would sit at it.
+    data = ImpalaDataModule(env=CARTPOLE, num_actors=1, unroll_length=5, batch_size=2)
+    model = ImpalaModule(obs_shape=data.obs_shape, num_actions=data.num_actions, torso="mlp", hidden_size=16)
+    logger = TensorBoardLogger(tmp_path, name="run")
+    trainer = Trainer(default_root_dir=tmp_path, max_steps=5, logger=logger, log_every_n_steps=1,
+                      gradient_clip_val=1e-6, enable_checkpointing=False, enable_progress_bar=False,
+                      limit_val_batches=0, callbacks=[WeightPublisher()])
+    trainer.fit(model, datamodule=data)
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    norms = [scalar.value for scalar in events.Scalars("train/grad_norm")]
+    assert len(norms) == 5
+    assert all(1e-3 < norm < 1e6 for norm in norms), norms
