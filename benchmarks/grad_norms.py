@@ -22,29 +22,32 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's kart_lightning
 
 from kart_lightning.checkpointing import read_checkpoint
-from kart_lightning.data import ActorPool, TrajectoryDataset
-from kart_lightning.envs.factory import env_config_from_dict, env_frames_per_step, make_env
-from kart_lightning.module import ImpalaModule
+from kart_lightning.data import ActorPool, ImpalaDataModule, TrajectoryDataset
+from kart_lightning.envs.factory import env_config_from_dict
+from kart_lightning.errors import ConfigError
+from kart_lightning.module import ImpalaModule, gradient_norm
 
 TERMS = ("loss", "policy_loss", "baseline_loss", "entropy_loss")
 
 
-def gradient_norm(module: ImpalaModule, loss: torch.Tensor) -> float:
+def term_norm(module: ImpalaModule, loss: torch.Tensor) -> float:
     module.zero_grad()
     loss.backward(retain_graph=True)
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    return float(gradient_norm(module))
 
 
-def load(name: str, model: dict, obs_shape: list[int], num_actions: int) -> ImpalaModule:
+def load(name: str, model: dict, data: ImpalaDataModule) -> ImpalaModule:
+    """`fresh`: a new policy of the config's model; else the checkpoint, which must fit the env."""
     if name == "fresh":
         torch.manual_seed(0)
-        return ImpalaModule(obs_shape=obs_shape, num_actions=num_actions, **model)
-    checkpoint = read_checkpoint(name)
-    accepted = ImpalaModule.__init__.__code__.co_varnames
-    module = ImpalaModule(**{k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted})
-    module.load_state_dict(checkpoint["state_dict"], strict=False)
-    return module
+        return ImpalaModule(obs_shape=data.obs_shape, num_actions=data.num_actions, **model)
+    hparams = read_checkpoint(name, mmap=True)["hyper_parameters"]  # a ConfigError for anything else
+    if list(hparams.get("obs_shape") or []) != data.obs_shape or hparams.get("num_actions") != data.num_actions:
+        raise ConfigError(
+            f"{name} plays observations {hparams.get('obs_shape')} with {hparams.get('num_actions')} actions, "
+            f"and the config's env gives {data.obs_shape} with {data.num_actions}: pass the --config it was trained with."
+        )
+    return ImpalaModule.load_from_checkpoint(name, map_location="cpu", weights_only=True)
 
 
 def main() -> None:
@@ -52,31 +55,36 @@ def main() -> None:
     parser.add_argument("--config", default="configs/atari.yaml")
     parser.add_argument("--unroll_length", type=int, default=20)
     parser.add_argument("--envs", type=int, default=8, help="envs of the one actor, and unrolls per batch")
-    parser.add_argument("--torso", help="the fresh policy's torso (default: the config's)")
+    parser.add_argument("--torso", choices=["shallow", "deep", "mlp"], help="the fresh policy's torso (default: the config's)")
     parser.add_argument("--skip", type=int, default=2)
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("checkpoints", nargs="+", help="checkpoint files, or `fresh`")
     args = parser.parse_args()
+    if min(args.unroll_length, args.envs, args.batches) < 1 or args.skip < 0:
+        parser.error("--unroll_length, --envs and --batches must be at least 1, and --skip at least 0.")
 
-    config = yaml.safe_load(Path(args.config).read_text())
-    env = env_config_from_dict(config["data"]["env"])
-    model = {k: v for k, v in config.get("model", {}).items() if k not in ("max_frames",)}
+    try:
+        config = yaml.safe_load(Path(args.config).read_text())
+        env = env_config_from_dict(config["data"]["env"])
+        model = {k: v for k, v in config.get("model", {}).items() if k != "max_frames"}
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        parser.error(f"{args.config} is not a readable config with a data.env section: pass one of configs/.")
     if args.torso:
         model["torso"] = args.torso
-    probe = make_env(env)
-    obs_shape, num_actions = list(probe.observation_space.shape), int(probe.action_space.n)
-    obs_dtype = torch.from_numpy(probe.observation_space.sample()).dtype
-    probe.close()
+    try:
+        data = ImpalaDataModule(env=env)
+        modules = [load(name, model, data) for name in args.checkpoints]
+    except ConfigError as error:
+        parser.error(str(error))
     print(f"batches of {args.envs} unrolls of {args.unroll_length} steps; gradient norms before clipping")
-    for name in args.checkpoints:
-        module = load(name, model, obs_shape, num_actions)
-        pool = ActorPool(policy=module.policy, env=env, obs_shape=obs_shape, obs_dtype=obs_dtype,
-                         num_actions=num_actions, num_actors=1, envs_per_actor=args.envs,
+    for name, module in zip(args.checkpoints, modules):
+        pool = ActorPool(policy=module.policy, env=data.env, obs_shape=data.obs_shape, obs_dtype=data.obs_dtype,
+                         num_actions=data.num_actions, num_actors=1, envs_per_actor=args.envs,
                          unroll_length=args.unroll_length, batch_size=args.envs, seed=1, start_method="spawn",
                          inference="actor")
         try:
-            data = iter(TrajectoryDataset(pool, env_frames_per_step=env_frames_per_step(env), timeout_s=300))
-            batches = [next(data) for _ in range(args.skip + args.batches)][args.skip:]
+            stream = iter(TrajectoryDataset(pool, env_frames_per_step=data.env_frames_per_step, timeout_s=300))
+            batches = [next(stream) for _ in range(args.skip + args.batches)][args.skip:]
         finally:
             pool.close()
         for batch in batches:
@@ -84,7 +92,7 @@ def main() -> None:
             with torch.no_grad():
                 log_policy = torch.log_softmax(module(batch)[0][:-1], dim=-1)
                 entropy = float(-(log_policy.exp() * log_policy).sum(-1).mean())
-            norms = " ".join(f"{term} {gradient_norm(module, losses[term]):7.2f}" for term in TERMS)
+            norms = " ".join(f"{term} {term_norm(module, losses[term]):7.2f}" for term in TERMS)
             rewards = int((batch["reward"][1:] != 0).sum())
             print(f"{name}: entropy {entropy:.3f} nats, {rewards} rewards; norms: {norms}", flush=True)
 

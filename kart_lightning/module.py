@@ -35,6 +35,15 @@ def clip_rewards(rewards: torch.Tensor, mode: str) -> torch.Tensor:
     return rewards
 
 
+def gradient_norm(module: torch.nn.Module) -> torch.Tensor:
+    """The global 2-norm of the module's gradients, as gradient clipping measures it, without a
+    device sync (torch.nn.utils.get_total_norm does this from torch 2.6; the floor here is 2.2)."""
+    grads = [p.grad.detach() for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
 def no_other_ranks() -> bool:
     return False
 
@@ -326,10 +335,7 @@ class ImpalaModule(LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         # Lightning calls this before it clips (trainer.gradient_clip_val), so the norm is the raw
         # one: with losses summed over T x B, how far above the clip it sits sets the step size.
-        grads = [p.grad.detach() for p in self.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-            self.log("train/grad_norm", norm, batch_size=self._batch_size)
+        self.log("train/grad_norm", gradient_norm(self), batch_size=self._batch_size)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.env_frames >= self.hparams.max_frames:
