@@ -8,7 +8,8 @@ be set beside another algorithm's on exactly the same frames, rewards and prepro
 RL Zoo's A2C settings for Atari (rl-baselines3-zoo, hyperparams/a2c.yml): 16 envs, 5 steps per
 update (80 steps a batch), lr 0.0007, RMSProp as TensorFlow has it (eps 1e-5), entropy cost 0.01,
 value cost 0.25, gradient clip 0.5 on the batch-mean loss. The envs are `make_env`'s, with the
-config's frame skip, stack, no-op reset and episode limit, in one process (a DummyVecEnv).
+config's frame skip, stack, no-op reset and episode limit, in one process (a DummyVecEnv); image
+envs get SB3's Nature CNN, vector envs its MLP.
 
 It writes `env_frames` and `train/episode_return` (the mean of the last 100 episodes) to
 TensorBoard under `--logdir`, the tags `fit` writes, so `benchmarks/curve.py --key return` plots
@@ -21,13 +22,13 @@ import time
 from collections import deque
 from pathlib import Path
 
-import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's kart_lightning
 
 from kart_lightning.envs.factory import env_config_from_dict, env_frames_per_step, make_env
+from kart_lightning.errors import ConfigError
 
 
 def main() -> None:
@@ -48,21 +49,22 @@ def main() -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     try:
-        env_dict = yaml.safe_load(Path(args.config).read_text())["data"]["env"]
-        config = env_config_from_dict(env_dict)
-    except (OSError, yaml.YAMLError, KeyError, TypeError) as error:
+        env_dict = dict(yaml.safe_load(Path(args.config).read_text())["data"]["env"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as error:
         parser.error(f"{args.config} is not a readable fit config with data.env ({error}): pass one from configs/.")
     if args.frames < 1 or args.envs < 1:
         parser.error("--frames and --envs must be at least 1.")
-    skip = env_frames_per_step(config)
-    torch.set_num_threads(2)
-
-    envs = DummyVecEnv([
-        (lambda index=index: make_env(config, seed=args.seed * 1000 + index, env_index=index))
-        for index in range(args.envs)
-    ])
+    try:
+        config = env_config_from_dict(env_dict)
+        skip = env_frames_per_step(config)
+        envs = DummyVecEnv([
+            (lambda index=index: make_env(config, seed=args.seed * 1000 + index, env_index=index))
+            for index in range(args.envs)
+        ])
+    except ConfigError as error:
+        parser.error(str(error))
     model = A2C(
-        "CnnPolicy", envs, learning_rate=7e-4, n_steps=5, gamma=0.99, gae_lambda=1.0,
+        "CnnPolicy" if len(envs.observation_space.shape) == 3 else "MlpPolicy", envs, learning_rate=7e-4, n_steps=5, gamma=0.99, gae_lambda=1.0,
         ent_coef=0.01, vf_coef=0.25, max_grad_norm=0.5,
         policy_kwargs={"optimizer_class": RMSpropTFLike, "optimizer_kwargs": {"eps": 1e-5}},
         seed=args.seed, device="cpu", verbose=0,
