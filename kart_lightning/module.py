@@ -183,6 +183,7 @@ class ImpalaModule(LightningModule):
         # stats, one per `episode_KEY` field of the batches, made as the keys first arrive. A plain
         # dict: they are logging state, not parts of the model (nor of its summary).
         self.episode_means: dict[str, RunningMean] = {}
+        self.episode_mean_values: dict[str, float] = {}
         self.episodes = 0
         # Agent steps of the episodes finished on each rotated state since this fit started.
         self.state_steps: dict[str, float] = {}
@@ -193,9 +194,14 @@ class ImpalaModule(LightningModule):
         self._batch_size = 1  # unrolls in the last training batch, for logging
 
     def forward(self, batch: dict[str, torch.Tensor]):
+        obs = batch["obs"]
+        device = obs.device.type
+        if obs.dtype == torch.uint8 and torch.is_autocast_enabled(device):
+            # Pixels 0-255 are exact in bfloat16 and float16: one cast of the largest tensor of the
+            # step, where float32 first would take two (a scripted policy cannot read autocast).
+            obs = obs.to(torch.get_autocast_dtype(device))
         return self.policy(
-            batch["obs"], batch["prev_action"], batch["reward"], batch["done"],
-            (batch["core_h"], batch["core_c"]),
+            obs, batch["prev_action"], batch["reward"], batch["done"], (batch["core_h"], batch["core_c"])
         )
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -392,8 +398,8 @@ class ImpalaModule(LightningModule):
                 for state in state_names:
                     self.log(f"train/{state}/frame_share", self.state_steps.get(state, 0.0) / total,
                              batch_size=batch_size)
-        for name, mean in self.episode_means.items():
-            self.log(f"train/{name}", mean.compute(), prog_bar=name == "episode_return", batch_size=batch_size)
+        for name, mean in self.episode_mean_values.items():
+            self.log(f"train/{name}", mean, prog_bar=name == "episode_return", batch_size=batch_size)
         if self.episodes:
             self.log("episodes", float(self.episodes), batch_size=batch_size)
 
@@ -405,6 +411,8 @@ class ImpalaModule(LightningModule):
                 self.episode_means[name] = running_mean(self.hparams.return_window)
             for value in values.tolist():
                 self.episode_means[name].update(value)
+            # Computed when it changes, not at every step: most steps end no episode.
+            self.episode_mean_values[name] = float(self.episode_means[name].compute())
 
     # validate and test: one whole episode per step (see EpisodeDataset), summed up per track.
 

@@ -2,6 +2,7 @@ import io
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kart_lightning.models import ActorCritic
 
@@ -108,18 +109,34 @@ def test_without_lstm_core_state_passes_through():
         assert returned[0] is state[0] and returned[1] is state[1]
 
 
-def test_uint8_frames_are_scaled_inside_the_model():
-    model = make_model("shallow")
+@pytest.mark.parametrize("torso", ["shallow", "deep"])
+def test_uint8_frames_are_scaled_inside_the_model(torso):
+    model = make_model(torso)
+    first = model.torso[0]
     seen = []
-    model.torso.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    first.register_forward_hook(lambda module, args, output: seen.append((args[0], output)))
     obs, prev_action, prev_reward, done, state = make_inputs(model)
     obs[0, 0, 0, 0, 0] = 255
     with torch.no_grad():
         model(obs, prev_action, prev_reward, done, state)
-    (torso_input,) = seen
-    assert torso_input.dtype == torch.float32
-    torch.testing.assert_close(torso_input, obs.flatten(0, 1).float() / 255)
-    assert torso_input.max() == 1.0
+    ((first_input, first_output),) = seen
+    assert first_input.dtype == torch.float32
+    # The first convolution of pixels in [0, 255] is the plain convolution of pixels in [0, 1].
+    scaled = obs.flatten(0, 1).float() / 255
+    expected = F.conv2d(scaled, first.weight, first.bias, first.stride, first.padding)
+    torch.testing.assert_close(first_output, expected)
+
+
+def test_frames_in_autocast_dtype_give_the_float32_outputs():
+    model = torch.jit.script(make_model("shallow"))
+    obs, prev_action, prev_reward, done, state = make_inputs(model)
+    with torch.no_grad():
+        logits, values, _ = model(obs, prev_action, prev_reward, done, state)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half_logits, half_values, _ = model(obs.to(torch.bfloat16), prev_action, prev_reward, done, state)
+    assert half_logits.dtype == half_values.dtype == torch.float32
+    torch.testing.assert_close(half_logits, logits, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(half_values, values, atol=0.05, rtol=0.05)
 
 
 def test_act_greedy_is_argmax():
