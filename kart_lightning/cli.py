@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium
+import torch
 from jsonargparse import ArgumentError, ArgumentParser
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from kart_lightning.callbacks import EpisodeRecorder, HeldOutEvaluation
 from kart_lightning.checkpointing import (
@@ -113,6 +115,7 @@ class ImpalaCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self.trainer.limit_val_batches = 0
+        note_slow_precision(self.trainer)
         check_checkpoint(self.config.fit.ckpt_path, self.model.hparams)
         for checkpoint in self.trainer.checkpoint_callbacks:
             if checkpoint.dirpath:
@@ -123,6 +126,17 @@ class ImpalaCLI(LightningCLI):
 
     def before_test(self) -> None:
         check_checkpoint(self.config.test.ckpt_path, self.model.hparams)
+
+
+def note_slow_precision(trainer) -> None:
+    """One sentence when bfloat16 on this CPU learner would be emulated, slower than float32."""
+    if str(trainer.precision).startswith("bf16") and trainer.strategy.root_device.type == "cpu":
+        native = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)()
+        if not native:
+            rank_zero_info(
+                "kart_lightning: this CPU has no bfloat16 instructions (AMX or AVX512-BF16), so "
+                f"trainer.precision {trainer.precision} runs slower than float32: set --trainer.precision 32-true."
+            )
 
 
 def check_monitor(monitor: str | None) -> None:

@@ -206,11 +206,14 @@ LIBRARY_NOISE = re.compile(r"(?i)warning|deprecat|tip:|args parameter|A\.L\.E:|P
 none of our own sentences does."""
 
 
-@pytest.mark.parametrize("config", ["configs/cartpole.yaml", "configs/atari.yaml"])
-def test_help_and_a_short_fit_print_no_library_warnings_or_notices(config, tmp_path, kart):
+@pytest.mark.parametrize("config, precision", [
+    ("configs/cartpole.yaml", "32-true"), ("configs/atari.yaml", "32-true"), ("configs/atari.yaml", "bf16-mixed"),
+])
+def test_help_and_a_short_fit_print_no_library_warnings_or_notices(config, precision, tmp_path, kart):
     help_text = kart("fit", "--config", config, "--help")
     assert LIBRARY_NOISE.findall(help_text.stderr) == []
-    run = kart("fit", "--config", config, "--model.max_frames", "2560", "--data.batch_size", "2",
+    run = kart("fit", "--config", config, "--trainer.precision", precision,
+               "--model.max_frames", "2560", "--data.batch_size", "2",
                "--data.envs_per_actor", "1", "--checkpoint.dirpath", str(tmp_path / "checkpoints"),
                "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false")
     assert LIBRARY_NOISE.findall(run.stderr) == [], run.stderr

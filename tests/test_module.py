@@ -63,6 +63,27 @@ def test_every_loss_term_reaches_the_policy_parameters():
         assert grads and any(bool(g.abs().sum() > 0) for g in grads), name
 
 
+def test_the_loss_under_bfloat16_autocast_is_the_float32_loss_to_bfloat16_precision():
+    # trainer.precision bf16-mixed: the learner hands the policy its uint8 frames in bfloat16.
+    module = make_module(obs_shape=[4, 84, 84], num_actions=6, torso="shallow", hidden_size=64, use_lstm=False)
+    generator = torch.Generator().manual_seed(0)
+    core_h, core_c = module.policy.initial_state(B)
+    batch = {
+        "obs": torch.randint(0, 256, (T + 1, B, 4, 84, 84), dtype=torch.uint8, generator=generator),
+        "done": torch.zeros(T + 1, B, dtype=torch.bool), "prev_action": torch.randint(0, 6, (T + 1, B), generator=generator),
+        "reward": torch.randn(T + 1, B, generator=generator), "truncation_value": torch.zeros(T + 1, B),
+        "action": torch.randint(0, 6, (T + 1, B), generator=generator), "core_h": core_h, "core_c": core_c,
+    }
+    with torch.no_grad():
+        batch["behaviour_logits"], _, _ = module(batch)
+    full = module.compute_loss(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = module.compute_loss(batch)
+    for name in ("loss", "policy_loss", "baseline_loss", "entropy_loss"):
+        assert half[name].dtype == torch.float32
+        torch.testing.assert_close(half[name], full[name], rtol=0.02, atol=0.02)
+
+
 # Episode ends in the loss. With the value head giving VALUE everywhere and the batch on-policy, the
 # V-trace target vs_s is the n-step return (the paper's eq. 1 with every ρ and c equal to 1): the
 # discounted rewards to the end of the episode, or to obs[T] plus γ^n · VALUE if it runs on. The
