@@ -2,7 +2,7 @@
 learner and of the whole process tree, to show it stays flat after warm-up.
 
     python benchmarks/memory.py --minutes 30 --warmup_minutes 3 --out mem.json -- \
-        --config configs/atari.yaml --model.torso shallow --data.batch_size 8
+        --config configs/atari.yaml --data.replay.ratio 0 --trainer.precision 32-true --data.batch_size 8
 """
 
 import argparse
