@@ -19,7 +19,8 @@ def cpu_trainer(precision: str) -> SimpleNamespace:
 def test_bfloat16_on_a_cpu_without_its_instructions_is_one_sentence_naming_32_true(
     native, precision, said, monkeypatch, caplog
 ):
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native)
     caplog.set_level("INFO")
     note_slow_precision(cpu_trainer(precision))
     sentences = [record.getMessage() for record in caplog.records]
