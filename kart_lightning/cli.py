@@ -131,8 +131,10 @@ class ImpalaCLI(LightningCLI):
 def note_slow_precision(trainer) -> None:
     """One sentence when bfloat16 on this CPU learner would be emulated, slower than float32."""
     bfloat16_on_cpu = str(trainer.precision).startswith("bf16") and trainer.strategy.root_device.type == "cpu"
-    # oneDNN's own bf16 check passes on any AVX512 CPU, where bfloat16 is still emulated.
-    if bfloat16_on_cpu and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+    # oneDNN's own bf16 check passes on any AVX512 CPU, where bfloat16 is still emulated. These
+    # checks are torch's private ones: a torch without them is taken to have the instructions.
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    if bfloat16_on_cpu and not any(getattr(torch.cpu, check, lambda: True)() for check in checks):
         rank_zero_info(
             "kart_lightning: this CPU has no bfloat16 instructions (AMX or AVX512-BF16), so "
             f"trainer.precision {trainer.precision} runs slower than float32: set --trainer.precision 32-true."

@@ -334,7 +334,7 @@ class ImpalaModule(LightningModule):
         if self.hparams.augmentation == "none" or not self.training:
             return batch
         if self.hparams.augmentation == "mirror":
-            flip = torch.rand(batch["action"].shape[1], device=self.device) < 0.5  # [B]
+            flip = torch.rand(batch["action"].shape[1]) < 0.5  # [B], on the CPU: mirror loops over it
             return mirror(batch, self.mirror_index, flip)
         return {**batch, "obs": random_shift(batch["obs"], self.hparams.shift_pad)}
 

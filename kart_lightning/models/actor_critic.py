@@ -27,7 +27,7 @@ class ResidualBlock(nn.Module):
 class PixelConv2d(nn.Conv2d):
     """A first convolution that takes pixels in [0, 255] and computes conv(x / 255) as a
     convolution of x by weight / 255: the same function, gradients and state dict, without a pass
-    over the largest tensor of a learner step (a third of a CPU learner step's time)."""
+    over the frames, the largest tensor of a learner step."""
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(x, self.weight / 255, self.bias)
