@@ -10,6 +10,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 import torch
 
+from kart_lightning.data.exploration import NO_EXPLORATION, ExplorationConfig, HeldActions
 from kart_lightning.data.inference import LocalInference, RemoteInference
 from kart_lightning.data.slots import ParentGone, SlotBoard
 from kart_lightning.data.weights import SharedWeights
@@ -39,6 +40,8 @@ class ActorSpec:
     """The env family's episode extra stats, written as `episode_KEY` rows (see rollout_spec)."""
     # Actor inference: the scripted policy (script_bytes). Learner inference: None.
     policy_bytes: bytes | None
+    exploration: ExplorationConfig = NO_EXPLORATION
+    """εz-greedy holds on top of the policy's actions (off by default)."""
 
     def env_index(self, k: int) -> int:
         """Env k's number among all envs of the job: it picks the env's first track."""
@@ -115,6 +118,7 @@ def _run(spec: ActorSpec, buffers, inference, num_groups: int, board: SlotBoard,
         while True:
             for group in groups:
                 action, logits, state_before, version = inference.result(group.index)
+                action, logits = group.explore(action, logits, group.done)
                 if group.record(buffers, action, logits, state_before, version, board, spec):
                     counters.unrolls[spec.index] += 1
                     inference.refresh()
@@ -139,6 +143,7 @@ class EnvGroup:
         self.truncation_value = torch.zeros(n)
         self.prev_action = torch.zeros(n, dtype=torch.int64)
         self.stat_names = ("return", "length", *spec.extra_stats)
+        self.explore = HeldActions(spec.exploration, n)
         self.episode_stats = self._no_episode_ended(n)
         self.slots: torch.Tensor | None = None
         self.t = 0

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from kart_lightning.data.dataset import EpisodeDataset, TrajectoryDataset
+from kart_lightning.data.exploration import NO_EXPLORATION, ExplorationConfig
 from kart_lightning.data.pool import ActorPool
 from kart_lightning.data.replay import GIB, ReplayBuffer, ReplayConfig, split_batch
 from kart_lightning.data.slots import least_slots_per_env
@@ -39,6 +40,7 @@ class ImpalaDataModule(LightningDataModule):
         unroll_length: int = 80,
         batch_size: int = 8,
         replay: ReplayConfig = NO_REPLAY,
+        exploration: ExplorationConfig = NO_EXPLORATION,
         slots_per_env: int | None = None,
         seed: int = 0,
         start_method: Literal["spawn", "forkserver", "fork"] = "spawn",
@@ -63,6 +65,8 @@ class ImpalaDataModule(LightningDataModule):
                 as the first of the next unroll).
             batch_size: B, trajectories per learner batch (fresh and, with replay, replayed ones).
             replay: Experience replay in the learner (see ReplayConfig); off by default.
+            exploration: εz-greedy in the actors: random actions held for random spans, on top
+                of the policy's (see ExplorationConfig); off by default.
             slots_per_env: Shared-memory rollout slots per env; default 2 + ceil((fresh - 1) / envs),
                 one more than the fewest that can never deadlock, so actors keep acting.
             seed: Base seed; env k of actor i is seeded seed + 10000 * i + k, where i counts the
@@ -96,12 +100,18 @@ class ImpalaDataModule(LightningDataModule):
             self.hparams.eval_env = dataclasses.asdict(eval_env)
         if dataclasses.is_dataclass(replay):
             self.hparams.replay = dataclasses.asdict(replay)
+        if dataclasses.is_dataclass(exploration):
+            self.hparams.exploration = dataclasses.asdict(exploration)
         for name in ("num_actors", "envs_per_actor", "unroll_length", "batch_size", "eval_episodes"):
             if getattr(self.hparams, name) < 1:
                 raise ConfigError(f"data.{name} is {getattr(self.hparams, name)}: set it to 1 or more.")
         if isinstance(replay, Mapping):  # as checkpoints keep it
             replay = ReplayConfig(**replay)
         self.replay = replay
+        if isinstance(exploration, Mapping):
+            exploration = ExplorationConfig(**exploration)
+        exploration.check()
+        self.exploration = exploration
         # The actors fill the fresh part of each batch; the replay buffer the rest.
         self.fresh_per_batch, self.replayed_per_batch = split_batch(batch_size, replay.ratio)
         if self.replayed_per_batch and replay.capacity_gib is None and replay.capacity < batch_size:
@@ -185,6 +195,7 @@ class ImpalaDataModule(LightningDataModule):
                 inference_batch_envs=hp.inference_batch_envs,
                 inference_timeout_s=hp.inference_timeout_s,
                 extra_stats=(*self.extra_stats, *(["state"] if self.rotated_states else [])),
+                exploration=self.exploration,
             )
             if ranks > 1:
                 rank_zero_info(

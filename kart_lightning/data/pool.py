@@ -13,6 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from kart_lightning.data.actor import ActorCounters, ActorSpec, LearnerLink, run_actor
+from kart_lightning.data.exploration import NO_EXPLORATION, ExplorationConfig
 from kart_lightning.data.inference import InferenceServer
 from kart_lightning.data.rollout import create_buffers, rollout_spec, stack_slots
 from kart_lightning.data.slots import FILLING, FULL, SlotBoard, default_slots_per_env
@@ -66,6 +67,7 @@ class ActorPool:
         inference_batch_envs: int | None = None,
         inference_timeout_s: float = 0.001,
         extra_stats: tuple[str, ...] = (),
+        exploration: ExplorationConfig = NO_EXPLORATION,
     ) -> None:
         self.batch_size = batch_size
         self.unroll_length = unroll_length
@@ -99,7 +101,7 @@ class ActorPool:
                 seed=seed + 10_000 * (first_actor + index), action_seed=action_seed(seed, first_actor + index, 0),
                 unroll_length=unroll_length,
                 parent_pid=os.getpid(), torch_threads=actor_threads, extra_stats=tuple(extra_stats),
-                policy_bytes=policy_bytes,
+                policy_bytes=policy_bytes, exploration=exploration,
             )
             for index in range(num_actors)
         ]
