@@ -4,6 +4,7 @@ the furthest checkpoint it reached, where that was, and how it spent the steps a
     python benchmarks/race_ends.py --ckpt_path checkpoints/impala/last.ckpt --track MarioCircuit.Act2
     python benchmarks/race_ends.py --ckpt_path ... --track MarioCircuit.Act2 --restarts 40 --past 30
     python benchmarks/race_ends.py --ckpt_path ... --track MarioCircuit.Act2 --restarts 40 --past 30 --drivers 30
+    python benchmarks/race_ends.py --ckpt_path ... --track MarioCircuit.Act2 --restarts 40 --past 30 --epsilon 0.05
 
 With `--restarts N` it plays N races with restarts along the course instead (the first from the
 grid, then each from a checkpoint an earlier one passed; see `restart_share`) and counts, per start
@@ -12,6 +13,9 @@ through a place from just before it. `--drivers N` then drives from the states k
 checkpoints up to `--past` without the policy, with the throttle held and N times at random
 (accelerating half the time), for whether the place is hard to get through or only hard for it,
 and prints the policy's mean action probabilities there (its first 10 steps at `--past`).
+`--epsilon E` drives every race with the policy and εz-greedy holds on top (`data.exploration`
+with epsilon E, as the actors of `fit` would): how often the behaviour that training sees gets
+through.
 Run it alone on the machine.
 """
 
@@ -29,6 +33,7 @@ sys.path.insert(0, str(REPO))  # this checkout's kart_lightning
 
 from kart_lightning.checkpointing import read_checkpoint
 from kart_lightning.cli import check_checkpoint
+from kart_lightning.data.exploration import ExplorationConfig, HeldActions
 from kart_lightning.envs import make_env
 from kart_lightning.envs.factory import env_config_from_dict
 from kart_lightning.envs.mario_kart.actions import ACTION_SETS
@@ -71,6 +76,8 @@ def main() -> None:
     parser.add_argument("--past", type=int, help="with --restarts: the first-lap checkpoint to get past")
     parser.add_argument("--drivers", type=int, default=0, help="with --restarts: from the states kept just before "
                         "--past, the throttle held, this many random drivers, and the policy's action probabilities")
+    parser.add_argument("--epsilon", type=float, default=0.0,
+                        help="drive with εz-greedy holds on top of the policy (data.exploration.epsilon)")
     args = parser.parse_args()
     if args.restarts and args.past is None:
         parser.error("--restarts counts the races that get past a checkpoint: name it with --past.")
@@ -93,10 +100,14 @@ def main() -> None:
         if args.restarts:
             # Restarts from any kept checkpoint, whatever the run trained with: the tally is per start.
             config = dataclasses.replace(config, options={**options, "restart_share": 0.99, "restart_from": "anywhere"})
+        exploration = ExplorationConfig(epsilon=args.epsilon)
+        exploration.check()
         env = make_env(config, seed=EVAL_SEED)  # an unknown track is a ConfigError naming the known ones
     except ConfigError as error:
         parser.error(str(error))
     policy = ImpalaModule.load_from_checkpoint(args.ckpt_path, map_location="cpu", weights_only=True).policy
+    if args.epsilon:
+        policy = ExploringPolicy(policy, exploration)
     try:
         if not args.restarts:
             for seed in range(EVAL_SEED, EVAL_SEED + args.episodes):
@@ -182,6 +193,25 @@ def through(env, state: bytes, past: int, action, steps: int) -> bool:
         if terminated or truncated:
             return False
     return False
+
+
+class ExploringPolicy:
+    """The policy with εz-greedy holds on top, as an actor of `fit` drives it (`data.exploration`)."""
+
+    def __init__(self, policy: torch.jit.ScriptModule, exploration: ExplorationConfig):
+        self.policy = policy
+        self.holds = HeldActions(exploration, num_envs=1)
+
+    def parameters(self):
+        return self.policy.parameters()
+
+    def initial_state(self, batch_size: int):
+        return self.policy.initial_state(batch_size)
+
+    def act(self, obs, prev_action, reward, done, *rest):
+        action, logits, baseline, core_state = self.policy.act(obs, prev_action, reward, done, *rest)
+        action, logits = self.holds(action, logits, done)
+        return action, logits, baseline, core_state
 
 
 class WatchedPolicy:
