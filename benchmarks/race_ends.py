@@ -106,13 +106,13 @@ def main() -> None:
     except ConfigError as error:
         parser.error(str(error))
     policy = ImpalaModule.load_from_checkpoint(args.ckpt_path, map_location="cpu", weights_only=True).policy
-    if args.epsilon:
-        policy = ExploringPolicy(policy, exploration)
+    # The races drive with the holds on top; the action probabilities printed are the policy's own.
+    driver = ExploringPolicy(policy, exploration) if args.epsilon else policy
     try:
         if not args.restarts:
             for seed in range(EVAL_SEED, EVAL_SEED + args.episodes):
                 recording = Recording(0)
-                result = play_episode(policy, env, seed, False, recording)
+                result = play_episode(driver, env, seed, False, recording)
                 end = race_end(recording.infos)
                 print(f"seed {seed}: {result['checkpoints']} checkpoints net; furthest checkpoint "
                       f"{end['furthest_checkpoint']} on lap {end['laps'] + 1} at x {end['x']} y {end['y']}, then "
@@ -123,7 +123,7 @@ def main() -> None:
         tried, passed, put_back = Counter(), Counter(), Counter()
         for race in range(args.restarts):
             recording = Recording(0)
-            play_episode(policy, env, EVAL_SEED + race, False, recording)
+            play_episode(driver, env, EVAL_SEED + race, False, recording)
             start = "grid" if "restart" not in recording.infos[0] else recording.infos[0]["race"]["checkpoint"]
             passed_it = any(got_past(info, args.past) for info in recording.infos[1:])
             tried[start] += 1

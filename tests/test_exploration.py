@@ -43,16 +43,25 @@ def test_outside_a_hold_actions_follow_the_mixture_the_behaviour_logits_give():
 
 
 def test_a_hold_keeps_its_action_for_its_drawn_length_with_probability_one():
-    torch.manual_seed(1)
-    holds = HeldActions(ExplorationConfig(epsilon=1.0, max_steps=6), num_envs=1)
-    taken, behaviour = holds(*policy_step(1), no_done(1))
+    for seed in range(100):  # the first seed whose hold lasts more than its first step
+        torch.manual_seed(seed)
+        holds = HeldActions(ExplorationConfig(epsilon=1.0, max_steps=6), num_envs=1)
+        taken, behaviour = holds(*policy_step(1), no_done(1))
+        if holds.remaining[0] > 0:
+            break
     more = int(holds.remaining[0])
+    assert more > 0
     assert torch.softmax(behaviour, -1)[0, taken[0]] == pytest.approx(0.25), "a hold's first step is a uniform draw"
     for _ in range(more):
         again, behaviour = holds(*policy_step(1), no_done(1))
         assert again[0] == taken[0]
         assert torch.softmax(behaviour, -1)[0, taken[0]] == pytest.approx(1.0, abs=1e-9)
     assert holds.remaining[0] == 0
+    holds.epsilon = 1e-12  # no new hold may start: the step after the hold is the policy's own
+    action, logits = policy_step(1)
+    after, behaviour = holds(action, logits, no_done(1))
+    assert after[0] == action[0]
+    torch.testing.assert_close(torch.softmax(behaviour, -1), torch.softmax(logits, -1))
 
 
 def test_holds_last_from_one_to_max_steps_mostly_short():
