@@ -102,6 +102,11 @@ class ImpalaCLI(LightningCLI):
         check_checkpoint(config.ckpt_path, None)
         if subcommand == "fit":
             check_monitor(config.checkpoint.monitor)
+            if config.model.trust_region_kl is not None and config.data.exploration.epsilon > 0:
+                raise ConfigError(
+                    "model.trust_region_kl leaves out every unroll with a held random action "
+                    "(data.exploration): set one of --model.trust_region_kl null or --data.exploration.epsilon 0."
+                )
         # LightningCLI (2.6.6) next reads the checkpoint's model arguments into the config, which
         # would replace the config's, loading it with weights_only=True (which refuses a checkpoint
         # whose hyperparameters hold a dataclass) and parsing them (which refuses arguments the

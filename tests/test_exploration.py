@@ -1,6 +1,10 @@
 """εz-greedy in the actors: held random actions, and behaviour logits that are the distribution
 the actions were drawn from (HeldActions alone, then in real actor processes on CartPole)."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -119,3 +123,14 @@ def test_actors_write_held_actions_with_the_logits_they_were_drawn_from(inferenc
     # Inside one, the action is the one taken the step before (in the same episode).
     previous = actions[:-1][held[1:]]
     assert torch.equal(actions[1:][held[1:]], previous)
+
+
+def test_held_actions_with_a_trust_region_are_refused_in_one_sentence():
+    fit = subprocess.run(
+        [sys.executable, "-m", "kart_lightning", "fit", "--config", "configs/cartpole.yaml",
+         "--model.trust_region_kl", "0.5", "--data.exploration.epsilon", "0.1"],
+        cwd=Path(__file__).resolve().parents[1], check=False, capture_output=True, text=True, timeout=120,
+    )
+    assert fit.returncode == 2
+    assert "Traceback" not in fit.stderr
+    assert "--model.trust_region_kl null or --data.exploration.epsilon 0" in fit.stderr

@@ -4,7 +4,8 @@ holds one random action for a random number of steps, and the behaviour logits s
 A policy that has settled on the wrong action at one place (a jump it never gets over) seldom
 tries the right one there for long enough; a random action held for n steps, n drawn from a
 zeta distribution (P(n) ∝ n^-exponent, mostly short, sometimes long), does. The logits an actor
-writes are those of the distribution it drew from, so V-trace's importance weights stay exact:
+writes are those of the distribution it drew from (given its hold counter, which the policy does
+not see), so V-trace weighs each action by the probability it was taken with:
 outside a hold, log((1 - ε) π + ε / A) (a hold may start with any action); inside one, the held
 action with probability 1.
 """
