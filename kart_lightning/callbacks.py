@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
 
 from kart_lightning.checkpointing import move_checkpoint, remove_checkpoint
 from kart_lightning.envs import EnvConfig
@@ -388,3 +389,56 @@ class EpisodeRecorder(_PeriodicPolicyCallback):
     def handle_reply(self, trainer: Trainer, reply: dict[str, Any]) -> None:
         for logger in trainer.loggers:
             log_recording(logger, "record", reply["result"], reply["step"])
+
+
+class StopAtThreshold(Callback):
+    """Ends fit after the first learner step at which a logged metric reaches a threshold, as
+    RLlib's stopping criteria do: `--stop.monitor train/episode_return --stop.threshold 400`.
+
+    Lightning's EarlyStopping (`stopping_threshold`) checks at the end of an epoch or of its own
+    validation loop, neither of which comes in this endless stream of batches; this checks after
+    every step. Any metric fit logs works: the training means (`train/episode_return`, the mean of
+    the last 100 episodes), or a held-out score (`val/...`), which counts once its evaluation
+    reports. The run ends as at its frame budget: `last.ckpt` is saved, and `--ckpt_path last`
+    with a higher threshold goes on. Off unless `monitor` is set.
+
+    Args:
+        monitor: the metric to watch; null: never stop early.
+        threshold: the value that ends the run.
+        mode: max: stop when the metric is at or above the threshold; min: at or below.
+    """
+
+    def __init__(
+        self, monitor: str | None = None, threshold: float | None = None, mode: Literal["max", "min"] = "max"
+    ) -> None:
+        if monitor is not None and threshold is None:
+            raise ConfigError(
+                f"stop.monitor is {monitor} but stop.threshold is not set: set --stop.threshold, or --stop.monitor null."
+            )
+        if monitor is None and threshold is not None:
+            raise ConfigError(
+                f"stop.threshold is {threshold:g} but stop.monitor is not set: set --stop.monitor (train/episode_return, "
+                "say), or --stop.threshold null."
+            )
+        self.monitor, self.threshold, self.mode = monitor, threshold, mode
+        self.seen = False
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        if self.monitor is None:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        self.seen = self.seen or value is not None
+        reached = value is not None and (value >= self.threshold if self.mode == "max" else value <= self.threshold)
+        # Every rank stops after the same step (the training means are the job's, the same on each).
+        if trainer.strategy.reduce_boolean_decision(bool(reached), all=False):
+            trainer.should_stop = True
+            if value is not None:
+                rank_zero_info(f"{self.monitor} is {float(value):g} at step {trainer.global_step}, past "
+                               f"stop.threshold {self.threshold:g}: fit ends here.")
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.monitor is not None and not self.seen and trainer.is_global_zero:
+            warnings.warn(
+                f"stop.monitor is {self.monitor}, which fit never logged: name one of its metrics, "
+                "such as train/episode_return.", stacklevel=1,
+            )

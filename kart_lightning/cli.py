@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from kart_lightning.callbacks import EpisodeRecorder, HeldOutEvaluation
+from kart_lightning.callbacks import EpisodeRecorder, HeldOutEvaluation, StopAtThreshold
 from kart_lightning.checkpointing import (
     ARCHITECTURE_KEYS,
     CheckpointFiles,
@@ -82,6 +82,7 @@ class ImpalaCLI(LightningCLI):
         parser.add_lightning_class_args(CheckpointFiles, "checkpoint_files")
         parser.add_lightning_class_args(HeldOutEvaluation, "evaluation")
         parser.add_lightning_class_args(EpisodeRecorder, "recorder")
+        parser.add_lightning_class_args(StopAtThreshold, "stop")
         # Hands the policy to the DataModule and its weights to the actors after each step.
         parser.add_lightning_class_args(WeightPublisher, "weights")
         parser.link_arguments("data.obs_shape", "model.obs_shape", apply_on="instantiate")

@@ -112,6 +112,8 @@ CASES = [
     ("fit", [*CARTPOLE, "--evaluation.every_n_steps", "0"], "evaluation.every_n_steps is 0: set it to 1 or more"),
     ("fit", [*CARTPOLE, "--weights.every_n_steps", "0"], "weights.every_n_steps is 0: set it to 1 or more"),
     ("fit", [*CARTPOLE, "--recorder.every_minutes", "0"], "recorder.every_minutes is 0: set it above 0"),
+    ("fit", [*CARTPOLE, "--stop.monitor", "train/episode_return"], "stop.threshold is not set: set --stop.threshold"),
+    ("fit", [*CARTPOLE, "--stop.threshold", "400"], "stop.monitor is not set: set --stop.monitor"),
     ("fit", [*CARTPOLE, "--ckpt_path", "best"], "the best on the held-out tracks is best.ckpt"),
     # fit and test: files that are not our checkpoints
     ("fit", [*CARTPOLE, "--ckpt_path", "no/such.ckpt"], "checkpoint no/such.ckpt does not exist"),

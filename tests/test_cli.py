@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = Path(__file__).resolve().parents[1]
 # Every test here runs the command line in a subprocess (seconds each) or trains.
@@ -52,6 +53,25 @@ def test_fit_stops_at_its_frame_budget_with_a_checkpoint_and_tensorboard_events(
     # Nothing else: no top-k copy of last.ckpt, no evaluated checkpoint (no evaluation in 200 steps).
     assert sorted(path.name for path in (trained / "checkpoints").iterdir()) == ["last.ckpt", "last.policy.pt"]
     assert list(trained.glob("lightning_logs/version_*/events.out.tfevents.*"))
+
+
+def test_fit_ends_after_the_first_step_at_which_the_monitored_metric_reaches_the_threshold(tmp_path, kart):
+    result = kart("fit", *cartpole_args(tmp_path, 200 * FRAMES_PER_STEP),
+                  "--stop.monitor", "train/episode_return", "--stop.threshold", "30")  # fmt: skip
+    said = re.search(r"train/episode_return is ([\d.]+) at step (\d+), past stop.threshold 30: fit ends here.",
+                     result.stdout + result.stderr)  # fmt: skip
+    assert said, result.stderr[-2000:]
+    value, step = float(said[1]), int(said[2])
+    assert value >= 30
+    checkpoint = load(tmp_path / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == step < 200
+    # Lightning logs a step's metrics at the step before its count; those before it were below.
+    (events,) = tmp_path.glob("lightning_logs/version_*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    logged = {scalar.step: scalar.value for scalar in accumulator.Scalars("train/episode_return")}
+    assert logged[step - 1] == pytest.approx(value, rel=1e-4)
+    assert all(mean < 30 for at, mean in logged.items() if at < step - 1)
 
 
 def test_resume_continues_steps_frames_optimizer_and_lr_schedule(trained, tmp_path, kart):
