@@ -15,11 +15,11 @@ from PIL import Image, ImageSequence
 
 pytestmark = [pytest.mark.slow, pytest.mark.needs_rom]
 
-FIT_FRAMES = 2560
-"""Eight learner steps of configs/impala.yaml: 4 fresh unrolls each (replay ratio 3) of unroll_length 20
-x frame_skip 4 frames; from the fifth step on, the buffer holds a batch's worth and 12 replayed
+FIT_FRAMES = 1920
+"""Twelve learner steps of configs/impala.yaml: 2 fresh unrolls each (replay ratio 7) of unroll_length 20
+x frame_skip 4 frames; from the ninth step on, the buffer holds a batch's worth and 14 replayed
 unrolls join them."""
-FIT_STEPS = 8
+FIT_STEPS = 12
 
 
 @pytest.fixture(scope="module")
