@@ -23,9 +23,11 @@ def quiet_library_notices(subcommand: str | None = None) -> None:
     workers load it (the episodes of `test` and the evaluation are played in the main process,
     and `__len__` gives the progress bar its total), and, for `test` and `validate`, its notice
     that a checkpoint saved in another folder will not bring back ModelCheckpoint's top-k
-    bookkeeping (they save nothing); its note that the model summary sizes a bf16-mixed model in
-    32 bits (under mixed precision the weights are float32, so that size is right); and torch's
-    deprecation of LeafSpec, which Lightning's _pytree still calls (torch 2.13 with lightning 2.6).
+    bookkeeping and its request for the callbacks the checkpoint's fit had (the Timer of a fit
+    with `max_time`): they read the weights alone and save nothing; its note that the model
+    summary sizes a bf16-mixed model in 32 bits (under mixed precision the weights are float32,
+    so that size is right); and torch's deprecation of LeafSpec, which Lightning's _pytree still
+    calls (torch 2.13 with lightning 2.6).
     Ours to read, not our users'."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropMessage("💡 Tip:"))
     logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").addFilter(
@@ -37,6 +39,10 @@ def quiet_library_notices(subcommand: str | None = None) -> None:
     if subcommand in ("test", "validate"):
         warnings.filterwarnings(
             "ignore", message=r"The dirpath has changed from", module=r"lightning\.pytorch\.callbacks\.model_checkpoint",
+        )
+        warnings.filterwarnings(
+            "ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint",
+            module=r"lightning\.pytorch\.trainer\.call",
         )
     warnings.filterwarnings(
         "ignore", message=r"Precision .* is not supported by the model summary",

@@ -236,7 +236,8 @@ def test_help_and_a_short_fit_print_no_library_warnings_or_notices(config, preci
     run = kart("fit", "--config", config, "--trainer.precision", precision,
                "--model.max_frames", "2560", "--data.batch_size", "2",
                "--data.envs_per_actor", "1", "--checkpoint.dirpath", str(tmp_path / "checkpoints"),
-               "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false")
+               "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+               "--trainer.max_time", "00:00:30:00")  # a Timer in the checkpoint, which `test` has not
     assert LIBRARY_NOISE.findall(run.stderr) == [], run.stderr
     # The model summary lists what the run has: the policy, no metric of another game.
     summary_rows = [line for line in run.stdout.splitlines() + run.stderr.splitlines() if line.startswith("0 |")]
