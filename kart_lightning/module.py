@@ -241,6 +241,8 @@ class ImpalaModule(LightningModule):
             "policy_loss": policy_loss,
             "baseline_loss": baseline_loss,
             "entropy_loss": entropy_loss,
+            # [B]: how much better each unroll went than the value expected (replay priorities).
+            "unroll_advantage": (returns.vs - values[:-1]).detach().clamp(min=0).mean(0),
             **extra,
         }
 
@@ -252,6 +254,10 @@ class ImpalaModule(LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         losses = self.compute_loss(self.augment(batch))
+        advantage = losses.pop("unroll_advantage")
+        replay = getattr(getattr(self._trainer, "datamodule", None), "replay_buffer", None)
+        if replay is not None and replay.sampling == "advantage" and "replay_id" in batch:
+            replay.update_priorities(batch["replay_id"].cpu(), advantage.float().cpu())
         job = self._job_step(batch)
         # Every rank adds the same sum, so the budget, the lr schedule and the stop agree.
         self.env_frames += job.env_frames

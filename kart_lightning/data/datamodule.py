@@ -108,6 +108,7 @@ class ImpalaDataModule(LightningDataModule):
         if isinstance(replay, Mapping):  # as checkpoints keep it
             replay = ReplayConfig(**replay)
         self.replay = replay
+        self.replay_buffer: ReplayBuffer | None = None
         if isinstance(exploration, Mapping):
             exploration = ExplorationConfig(**exploration)
         exploration.check()
@@ -233,6 +234,7 @@ class ImpalaDataModule(LightningDataModule):
                 f"Replay: {self.replayed_per_batch} replayed and {self.fresh_per_batch} fresh unrolls per batch, "
                 f"from the last {replay.capacity} unrolls ({replay.nbytes / GIB:.2f} GiB of host memory at most)."
             )
+        self.replay_buffer = replay  # the module sets its priorities (data.replay.sampling advantage)
         # The actor pool is the workers and the dataset yields whole batches.
         dataset = TrajectoryDataset(
             self.pool, self.env_frames_per_step, self.hparams.rollout_timeout_s,
@@ -270,3 +272,4 @@ class ImpalaDataModule(LightningDataModule):
         if self.pool is not None:
             self.pool.close()
             self.pool = None
+        self.replay_buffer = None

@@ -28,7 +28,8 @@ class TrajectoryDataset(IterableDataset):
     the other way, from the learner's step (see WeightPublisher).
 
     With `replay`, each batch is the pool's fresh unrolls followed by `replay_count` unrolls
-    drawn from the buffer (once it holds a batch's worth), and the fresh ones then join it.
+    drawn from the buffer (once it holds a batch's worth), and the fresh ones then join it;
+    `replay_id` [B] names each in the buffer (for `ReplayBuffer.update_priorities`).
     """
 
     # The batch in training, the one Lightning prefetches, and the one being written.
@@ -74,15 +75,16 @@ class TrajectoryDataset(IterableDataset):
         the first few batches hold the fresh ones alone); the fresh ones are stored after the
         draw, so none is replayed in its own batch."""
         count = self.replay_count if len(self.replay) >= self.pool.batch_size + self.replay_count else 0
-        batch = fresh
+        batch, replayed_ids = fresh, torch.zeros(0, dtype=torch.int64)
         if count:
             replayed = self.replay.sample(count)
+            replayed_ids = replayed.pop("replay_id")
             batch = {}
             for name, values in fresh.items():
                 dim = 0 if values.dim() == 1 else 1
                 parts = (values, replayed[name])
                 batch[name] = torch.cat(parts, dim=dim, out=out[name]) if out else torch.cat(parts, dim=dim)
-        self.replay.add(fresh)
+        batch["replay_id"] = torch.cat((self.replay.add(fresh), replayed_ids))
         batch["replayed"] = torch.arange(self.pool.batch_size + count) >= self.pool.batch_size
         return batch
 

@@ -6,6 +6,13 @@ every emulated frame is learnt from about 1 + ratio times. V-trace corrects for 
 policies that acted; the module's trust region (`model.trust_region_kl`, LASER, Schmitt et al.
 2019) leaves out unrolls whose acting policy has drifted too far. Replayed frames are not env
 frames: the frame budget, the lr schedule and frames/s count fresh ones only.
+
+With `sampling: advantage` the unrolls that went better than the value expected are replayed more
+often, as self-imitation learning replays its good episodes (Oh et al. 2018, "Self-Imitation
+Learning"): each unroll's priority is its mean positive V-trace advantage, max(v_s - V(x_s), 0)
+over its steps, from the last batch that learnt from it (its fresh one first), and its chance is
+(priority + the buffer's mean priority) ** priority_exponent, so one that went no better than
+expected keeps a share. As in self-imitation, replayed unrolls are not weighted back to uniform.
 """
 
 import math
@@ -29,16 +36,20 @@ class ReplayConfig:
             keeps `data.batch_size` unrolls, round(batch_size / (1 + ratio)) of them fresh.
         capacity: Unrolls kept; the oldest is dropped for each new one once full.
         capacity_gib: The same limit in GiB of host memory; when set, it decides the capacity.
-        sampling: uniform over the buffer, or recent: an unroll's chance halves every
-            `half_life` newer unrolls (prioritised by recency).
+        sampling: uniform over the buffer; recent: an unroll's chance halves every `half_life`
+            newer unrolls (prioritised by recency); advantage: unrolls that went better than the
+            value expected more often (prioritised by advantage, see above).
         half_life: For recent sampling, in unrolls; default capacity / 4.
+        priority_exponent: For advantage sampling: how strongly the priority skews the draw
+            (0: uniform).
     """
 
     ratio: float = 0.0
     capacity: int = 1000
     capacity_gib: float | None = None
-    sampling: Literal["uniform", "recent"] = "uniform"
+    sampling: Literal["uniform", "recent", "advantage"] = "uniform"
     half_life: int | None = None
+    priority_exponent: float = 1.0
 
 
 def split_batch(batch_size: int, ratio: float) -> tuple[int, int]:
@@ -71,7 +82,8 @@ class ReplayBuffer:
     ([capacity, *slot shape] per field) in this process's memory.
 
     `add` copies the columns of a learner batch in, so what it holds is the learner's own copy
-    and no actor ever writes it; `sample` copies unrolls out as a time-major batch.
+    and no actor ever writes it; `sample` copies unrolls out as a time-major batch. Each unroll
+    is known by its id, the count of unrolls added before it, which `update_priorities` takes.
     """
 
     def __init__(
@@ -95,9 +107,15 @@ class ReplayBuffer:
             )
         if config.half_life is not None and config.half_life < 1:
             raise ConfigError(f"data.replay.half_life is {config.half_life}: set it to 1 or more (unrolls).")
+        if not config.priority_exponent >= 0:
+            raise ConfigError(
+                f"data.replay.priority_exponent is {config.priority_exponent}: set it to 0 (uniform) or more."
+            )
         self.capacity = capacity
         self.sampling = config.sampling
         self.half_life = config.half_life or max(1, capacity // 4)
+        self.priority_exponent = config.priority_exponent
+        self.priority = torch.zeros(capacity, dtype=torch.float64)
         # torch.empty: memory is taken as unrolls arrive, never more than `capacity` of them.
         self.storage = {name: torch.empty((capacity, *buffer.shape[1:]), dtype=buffer.dtype)
                         for name, buffer in template.items()}
@@ -108,18 +126,29 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return min(self.added, self.capacity)
 
-    def add(self, batch: Mapping[str, torch.Tensor]) -> None:
+    def add(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Copy every unroll of a time-major batch ([T+1, B, ...] per field, [B, ...] per slot
-        field) in, replacing the oldest once full."""
+        field) in, replacing the oldest once full; returns their ids, [B] int64. They start with
+        the buffer's mean priority until a batch has learnt from them."""
         count = batch["reward"].shape[1]
-        rows = torch.arange(self.added, self.added + count) % self.capacity
+        ids = torch.arange(self.added, self.added + count)
+        rows = ids % self.capacity
         for name, stored in self.storage.items():
             values = batch[name]
             stored[rows] = values if stored.dim() == 1 else values.movedim(1, 0)
+        self.priority[rows] = self.priority[:len(self)].mean() if len(self) else 0.0
         self.added += count
+        return ids
+
+    def update_priorities(self, ids: torch.Tensor, priorities: torch.Tensor) -> None:
+        """Set the priority of the unrolls `ids` [N] still held to `priorities` [N] (see
+        `sampling: advantage`); ids whose rows newer unrolls have taken are passed over."""
+        held = ids >= self.added - self.capacity
+        self.priority[ids[held] % self.capacity] = priorities[held].to(self.priority.dtype)
 
     def sample(self, count: int) -> dict[str, torch.Tensor]:
-        """`count` stored unrolls (with replacement), as a time-major batch like `stack_slots`'."""
+        """`count` stored unrolls (with replacement), as a time-major batch like `stack_slots`',
+        with their ids as `replay_id` [count]."""
         size = len(self)
         if size == 0:
             raise RuntimeError("the replay buffer is empty")
@@ -128,9 +157,17 @@ class ReplayBuffer:
             ages_to_rows = (self.added - 1 - torch.arange(size)) % self.capacity
             weights = torch.pow(0.5, ages / self.half_life)
             rows = ages_to_rows[torch.multinomial(weights, count, replacement=True, generator=self.generator)]
+        elif self.sampling == "advantage" and self.priority[:size].sum() > 0:
+            priority = self.priority[:size]
+            weights = (priority + priority.mean()).pow(self.priority_exponent)
+            rows = torch.multinomial(weights, count, replacement=True, generator=self.generator)
         else:
             rows = torch.randint(size, (count,), generator=self.generator)
+        # A row holds the unroll added last of those that map to it.
+        newest_row = (self.added - 1) % self.capacity
+        ids = self.added - 1 - (newest_row - rows) % self.capacity
         return {
-            name: stored[rows] if stored.dim() == 1 else stored[rows].movedim(0, 1)
-            for name, stored in self.storage.items()
+            **{name: stored[rows] if stored.dim() == 1 else stored[rows].movedim(0, 1)
+               for name, stored in self.storage.items()},
+            "replay_id": ids,
         }
