@@ -4,6 +4,7 @@ the furthest checkpoint it reached, where that was, and how it spent the steps a
     python benchmarks/race_ends.py --ckpt_path checkpoints/impala/last.ckpt --track MarioCircuit.Act2
     python benchmarks/race_ends.py --ckpt_path ... --track MarioCircuit.Act2 --restarts 40 --past 30
     python benchmarks/race_ends.py --ckpt_path ... --track MarioCircuit.Act2 --restarts 40 --past 30 --drivers 30
+    python benchmarks/race_ends.py ... --restarts 40 --past 30 --drivers 10 --map docs/mc2-jump.png
     python benchmarks/race_ends.py --ckpt_path ... --track MarioCircuit.Act2 --restarts 40 --past 30 --epsilon 0.05
 
 With `--restarts N` it plays N races with restarts along the course instead (the first from the
@@ -12,7 +13,8 @@ checkpoint, the races that got past checkpoint `--past` of the first lap: how of
 through a place from just before it. `--drivers N` then drives from the states kept at the three
 checkpoints up to `--past` without the policy, with the throttle held and N times at random
 (accelerating half the time), for whether the place is hard to get through or only hard for it,
-and prints the policy's mean action probabilities there (its first 10 steps at `--past`).
+and prints the policy's mean action probabilities there (its first 10 steps at `--past`);
+`--map PNG` draws those races over the course seen from above.
 `--epsilon E` drives every race with the policy and εz-greedy holds on top (`data.exploration`
 with epsilon E, as the actors of `fit` would): how often the behaviour that training sees gets
 through.
@@ -26,7 +28,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's kart_lightning
@@ -40,6 +44,7 @@ from kart_lightning.envs.mario_kart.actions import ACTION_SETS
 from kart_lightning.envs.mario_kart.config import MarioKartConfig
 from kart_lightning.envs.mario_kart.paths import GAME
 from kart_lightning.envs.mario_kart.restarts import FIRST_LAP
+from kart_lightning.envs.mario_kart.track_map import map_pixels, track_map
 from kart_lightning.errors import ConfigError
 from kart_lightning.evaluation import Recording, play_episode
 from kart_lightning.module import ImpalaModule
@@ -76,6 +81,7 @@ def main() -> None:
     parser.add_argument("--past", type=int, help="with --restarts: the first-lap checkpoint to get past")
     parser.add_argument("--drivers", type=int, default=0, help="with --restarts: from the states kept just before "
                         "--past, the throttle held, this many random drivers, and the policy's action probabilities")
+    parser.add_argument("--map", help="with --drivers: a PNG of their paths and the policy's over the course")
     parser.add_argument("--epsilon", type=float, default=0.0,
                         help="drive with εz-greedy holds on top of the policy (data.exploration.epsilon)")
     args = parser.parse_args()
@@ -83,6 +89,8 @@ def main() -> None:
         parser.error("--restarts counts the races that get past a checkpoint: name it with --past.")
     if args.drivers and not args.restarts:
         parser.error("--drivers starts from the states that --restarts races keep: add --restarts N --past C.")
+    if args.map and not args.drivers:
+        parser.error("--map draws the --drivers races: add --restarts N --past C --drivers D.")
     if args.past is not None and not args.restarts:
         parser.error("--past counts restarted races: add --restarts N, or leave --past out.")
     if min(args.episodes, args.restarts, args.drivers) < 0 or args.episodes == 0:
@@ -144,8 +152,10 @@ def main() -> None:
             actions = list(ACTION_SETS[options.get("actions", defaults.actions)])
             # A run that never cuts a race (stall_steps null) still bounds these tries by the default.
             steps = options.get("stall_steps", defaults.stall_steps) or defaults.stall_steps
-            drive_without_policy(env, kept, args.past, args.drivers, actions, steps)
-            policy_actions(policy, env, kept, args.past, actions)
+            races = drive_without_policy(env, kept, args.past, args.drivers, actions, steps)
+            races += policy_actions(policy, env, kept, args.past, actions)
+            if args.map:
+                draw_map(env, next(iter(kept.values())), races, args.map)
     finally:
         env.close()
 
@@ -166,33 +176,65 @@ def reset_to(env, state: bytes):
             return obs, info
 
 
-def drive_without_policy(env, kept: dict[int, bytes], past: int, drivers: int, actions: list[str], steps: int) -> None:
+def drive_without_policy(env, kept: dict[int, bytes], past: int, drivers: int, actions: list[str],
+                         steps: int) -> list[tuple[str, bool, list]]:
     """From each state in `kept` (checkpoint -> emulator state), one race with the throttle held and
     `drivers` with random actions (accelerate ½, accelerate left or right ⅕ each, the others sharing
-    the rest): how many get past `past` within `steps` agent steps."""
+    the rest): how many get past `past` within `steps` agent steps. Returns each race as (driver,
+    got past, its positions)."""
     weights = {"accelerate": 0.5, "accelerate_left": 0.2, "accelerate_right": 0.2}
     rest = (1 - sum(weights.values())) / (len(actions) - len(weights))
     weights = [weights.get(name, rest) for name in actions]
     throttle = actions.index("accelerate")
+    driven = []
     for start, state in kept.items():
         pick = random.Random(start)
-        results = [through(env, state, past, lambda: throttle, steps)]
-        results += [through(env, state, past, lambda pick=pick: pick.choices(range(len(actions)), weights)[0], steps)
+        held = through(env, state, past, lambda: throttle, steps)
+        randomly = [through(env, state, past, lambda pick=pick: pick.choices(range(len(actions)), weights)[0], steps)
                     for _ in range(drivers)]
-        print(f"from {start} without the policy: throttle held {'gets' if results[0] else 'does not get'} past "
-              f"checkpoint {past}; random drivers get past in {sum(results[1:])} of {drivers}")
+        print(f"from {start} without the policy: throttle held {'gets' if held[0] else 'does not get'} past "
+              f"checkpoint {past}; random drivers get past in {sum(race[0] for race in randomly)} of {drivers}")
+        driven += [("throttle", *held)] + [("random", *race) for race in randomly]
+    return driven
 
 
-def through(env, state: bytes, past: int, action, steps: int) -> bool:
-    """One race from `state` with `action()` each step: whether it gets past `past` in `steps`."""
+def through(env, state: bytes, past: int, action, steps: int) -> tuple[bool, list]:
+    """One race from `state` with `action()` each step: whether it gets past `past` in `steps`, and
+    its positions (approach_path)."""
     reset_to(env, state)
+    infos, passed = [], False
     for _ in range(steps):
         _, _, terminated, truncated, info = env.step(action())
-        if got_past(info, past):
-            return True
+        infos.append(info)
+        passed = passed or got_past(info, past)
         if terminated or truncated:
-            return False
-    return False
+            break
+        if passed and len(infos) > len(approach_path(infos, past)):  # as far as the map draws it
+            break
+    return passed, approach_path(infos, past)
+
+
+def approach_path(infos: list[dict], past: int, after: int = 40) -> list[tuple[int, int]]:
+    """The positions (RAM x, y) of a race's steps up to `after` steps beyond its first at checkpoint
+    `past` of the first lap or beyond it: how it got to the place and what it did there."""
+    at = next((step for step, info in enumerate(infos) if "lap" in info and got_past(info, past - 1)), len(infos))
+    return [(info["race"]["x"], info["race"]["y"]) for info in infos[:at + after] if "race" in info]
+
+
+def draw_map(env, state: bytes, races: list[tuple[str, bool, list]], out: str) -> None:
+    """The course from above (read with `state` loaded) with `races` (driver, got past, positions):
+    the throttle held white, random drivers green where they got past and red where not, the
+    policy blue and yellow; saved as a PNG at `out`."""
+    reset_to(env, state)
+    image = Image.fromarray(track_map(env))
+    draw = ImageDraw.Draw(image)
+    colours = {"throttle": ((255, 255, 255),) * 2, "random": ((230, 40, 40), (40, 220, 40)),
+               "policy": ((255, 220, 0), (40, 120, 255))}
+    for driver, passed, path in races:
+        columns, rows = map_pixels(np.array([x for x, _ in path]), np.array([y for _, y in path]), image.width)
+        draw.line(list(zip(columns.tolist(), rows.tolist())), fill=colours[driver][passed], width=3)
+    image.save(out)
+    print(f"the races drawn over the course: {out}")
 
 
 class ExploringPolicy:
@@ -234,11 +276,12 @@ class WatchedPolicy:
 
 
 def policy_actions(policy, env, kept: dict[int, bytes], past: int, actions: list[str],
-                   races_per_state: int = 5, approach: int = 10) -> None:
+                   races_per_state: int = 5, approach: int = 10) -> list[tuple[str, bool, list]]:
     """The policy's mean action probabilities over its first `approach` steps at checkpoint `past`
     of the first lap, in `races_per_state` sampled races (`play_episode`, seeds EVAL_SEED on) from
-    each state in `kept`; a race the 1-in-100 draw started on the grid is left out."""
-    probabilities, races = [], 0
+    each state in `kept`; a race the 1-in-100 draw started on the grid is left out. Returns the
+    races as ("policy", got past, positions)."""
+    probabilities, races, drawn = [], 0, []
     for state in kept.values():
         for race in range(races_per_state):
             env.set_wrapper_attr("kept", {0: {0: state}})
@@ -253,13 +296,15 @@ def policy_actions(policy, env, kept: dict[int, bytes], past: int, actions: list
             at = [i for i, info in enumerate(recording.infos[:before][:len(watched.probabilities)])
                   if info.get("lap", FIRST_LAP) == FIRST_LAP and info["race"]["checkpoint"] == past]
             probabilities += [watched.probabilities[i] for i in at[:approach]]
+            drawn.append(("policy", before is not None, approach_path(recording.infos, past)))
     if not probabilities:
         print(f"the policy reached checkpoint {past} in none of {races} races from the kept states.")
-        return
+        return drawn
     mean = torch.stack(probabilities).mean(0)
     print(f"the policy over its first {approach} steps at checkpoint {past} ({len(probabilities)} steps of "
           f"{races} races from the kept states): "
           + ", ".join(f"{name} {share:.2f}" for name, share in zip(actions, mean.tolist())))
+    return drawn
 
 
 if __name__ == "__main__":
