@@ -104,6 +104,7 @@ class ImpalaModule(LightningModule):
         shift_pad: int = 4,
         mirrored_actions: list[int] | None = None,
         trust_region_kl: float | None = None,
+        self_imitation_value_cost: float = 0.01,
         lr_scaling: Literal["none", "sqrt", "linear"] = "sqrt",
     ) -> None:
         """
@@ -144,6 +145,10 @@ class ImpalaModule(LightningModule):
                 left out of the policy gradient. It applies to every unroll, as in LASER; fresh
                 ones are rarely that far, replayed ones often (with random_shift or mirror, π sees
                 the augmented frames and μ saw them as they were). null: none left out.
+            self_imitation_value_cost: β of the self-imitation loss (Oh et al. 2018) on the unrolls
+                a batch replays for it (`data.replay.self_imitation`): Σ −log π(a|x) (R − V)₊ +
+                β · ½ Σ (R − V)₊², R the unroll's discounted return bootstrapped from V(x_T); those
+                unrolls are left out of the V-trace loss.
             lr_scaling: With N ranks (DDP) a step trains on N batches and DDP averages their
                 gradients, so a step is a less noisy one of N times the frames, and there are N times
                 fewer steps per frame. sqrt multiplies learning_rate by √N, the square-root rule
@@ -168,6 +173,10 @@ class ImpalaModule(LightningModule):
             raise ConfigError(
                 "model.augmentation mirror flips whole unrolls, whose LSTM state was computed on the "
                 "unflipped past: set model.use_lstm false, or model.augmentation none or random_shift."
+            )
+        if not self_imitation_value_cost >= 0:
+            raise ConfigError(
+                f"model.self_imitation_value_cost is {self_imitation_value_cost}: set it to 0 or more."
             )
         if mirrored_actions is not None and sorted(mirrored_actions) != list(range(num_actions)):
             raise ValueError(f"mirrored_actions {mirrored_actions} is not a permutation of {num_actions} actions")
@@ -232,12 +241,26 @@ class ImpalaModule(LightningModule):
             kept = (kl <= hp.trust_region_kl).float()
             policy_terms = policy_terms * kept
             extra["trust_region_kept"] = kept.mean()
+        baseline_terms = (returns.vs - values[:-1]).pow(2)
+        entropy_terms = (log_policy.exp() * log_policy).sum(-1)
+        imitated = batch.get("self_imitation")
+        self_imitation_loss = 0.0
+        if imitated is not None:
+            imitated = imitated.to(values.device)
+            # These unrolls teach by self-imitation alone: out of the V-trace terms.
+            others = (~imitated).to(values.dtype)
+            policy_terms = policy_terms * others
+            baseline_terms = baseline_terms * others
+            entropy_terms = entropy_terms * others
+            self_imitation_loss = extra["self_imitation_loss"] = self._self_imitation_loss(
+                rewards, discounts, values, returns.target_action_log_probs, imitated
+            )
         # Sums over time and batch, as in the reference implementations the lr was tuned with.
         policy_loss = -policy_terms.sum()
-        baseline_loss = hp.baseline_cost * 0.5 * (returns.vs - values[:-1]).pow(2).sum()
-        entropy_loss = hp.entropy_cost * (log_policy.exp() * log_policy).sum()
+        baseline_loss = hp.baseline_cost * 0.5 * baseline_terms.sum()
+        entropy_loss = hp.entropy_cost * entropy_terms.sum()
         return {
-            "loss": policy_loss + baseline_loss + entropy_loss,
+            "loss": policy_loss + baseline_loss + entropy_loss + self_imitation_loss,
             "policy_loss": policy_loss,
             "baseline_loss": baseline_loss,
             "entropy_loss": entropy_loss,
@@ -245,6 +268,22 @@ class ImpalaModule(LightningModule):
             "unroll_advantage": (returns.vs - values[:-1]).detach().clamp(min=0).mean(0),
             **extra,
         }
+
+    def _self_imitation_loss(
+        self, rewards: torch.Tensor, discounts: torch.Tensor, values: torch.Tensor,
+        action_log_probs: torch.Tensor, imitated: torch.Tensor,
+    ) -> torch.Tensor:
+        """Self-imitation (Oh et al. 2018) on the unrolls `imitated` [B]: each action taken is
+        learnt as far as the return that followed it, R_t = r_t + γ_t R_t+1 from R_T = V(x_T),
+        beat the value V(x_t), and the value is raised towards that return; where the return fell
+        short, nothing is learnt."""
+        returns = torch.empty_like(rewards)
+        following = values[-1].detach()
+        for t in reversed(range(rewards.shape[0])):
+            following = returns[t] = rewards[t] + discounts[t] * following
+        better = (returns - values[:-1]).clamp(min=0) * imitated.to(values.dtype)  # [T, B]
+        policy_loss = -(action_log_probs * better.detach()).sum()
+        return policy_loss + self.hparams.self_imitation_value_cost * 0.5 * better.pow(2).sum()
 
     def on_train_batch_start(self, batch, batch_idx: int) -> int | None:
         if self.env_frames >= self.hparams.max_frames:
@@ -256,7 +295,7 @@ class ImpalaModule(LightningModule):
         losses = self.compute_loss(self.augment(batch))
         advantage = losses.pop("unroll_advantage")
         replay = getattr(getattr(self._trainer, "datamodule", None), "replay_buffer", None)
-        if replay is not None and replay.sampling == "advantage" and "replay_id" in batch:
+        if replay is not None and replay.keeps_priorities and "replay_id" in batch:
             replay.update_priorities(batch["replay_id"].cpu(), advantage.float().cpu())
         job = self._job_step(batch)
         # Every rank adds the same sum, so the budget, the lr schedule and the stop agree.

@@ -145,9 +145,10 @@ class KeepReplay(Callback):
 
 
 @pytest.mark.slow
-def test_fit_with_advantage_sampling_sets_each_unrolls_priority_from_the_batch_that_learnt_from_it(tmp_path):
+@pytest.mark.parametrize("draw", [{"sampling": "advantage"}, {"self_imitation": 1}], ids=["sampling", "imitation"])
+def test_fit_with_advantage_sampling_sets_each_unrolls_priority_from_the_batch_that_learnt_from_it(tmp_path, draw):
     data = ImpalaDataModule(env=EnvConfig(id="CartPole-v1"), num_actors=1, envs_per_actor=2, unroll_length=5,
-                            batch_size=4, replay=ReplayConfig(ratio=1, capacity=12, sampling="advantage"))
+                            batch_size=4, replay=ReplayConfig(ratio=1, capacity=12, **draw))
     model = ImpalaModule(obs_shape=data.obs_shape, num_actions=data.num_actions, torso="mlp", hidden_size=16)
     kept = KeepReplay()
     trainer = Trainer(default_root_dir=tmp_path, max_steps=12, logger=False, enable_checkpointing=False,
@@ -158,6 +159,53 @@ def test_fit_with_advantage_sampling_sets_each_unrolls_priority_from_the_batch_t
     # than expected, by amounts that differ from unroll to unroll.
     priority = kept.replay.priority
     assert kept.replay.added >= 24 and (priority > 0).all() and len(priority.unique()) > 6
+    if "self_imitation" in draw:  # the last unroll of each batch was learnt by self-imitation
+        assert trainer.callback_metrics["train/self_imitation_loss"] > 0
+
+
+def test_self_imitation_draws_its_unrolls_by_advantage_beside_uniform_ones_and_refuses_more_than_are_replayed():
+    buffers = filled_buffers(10)
+    replay = ReplayBuffer(buffers, ReplayConfig(capacity=10, sampling="uniform", self_imitation=2))
+    assert replay.keeps_priorities
+    assert not ReplayBuffer(buffers, ReplayConfig(capacity=10)).keeps_priorities
+    replay.update_priorities(replay.add(stack_slots(buffers, list(range(10)))), torch.tensor([0.0] * 9 + [9.0]))
+    assert abs(replay.sample(4000)["policy_version"].float().mean() - 4.5) < 0.3  # its own draw: uniform
+    assert 0.5 < (replay.sample(4000, by_advantage=True)["policy_version"] == 9).float().mean() < 0.6
+    with pytest.raises(ConfigError, match="self_imitation is 3, and a batch holds 2 replayed unrolls"):
+        ImpalaDataModule(env=EnvConfig(id="CartPole-v1"), batch_size=4, replay=ReplayConfig(ratio=1, self_imitation=3))
+    with pytest.raises(ConfigError, match="self_imitation_value_cost is -1"):
+        image_module(self_imitation_value_cost=-1)
+
+
+def test_self_imitation_learns_the_imitated_unrolls_where_their_return_beat_the_value_and_nothing_else():
+    module = image_module(self_imitation_value_cost=0.25, reward_clipping="none")
+    buffers = acted_batch(module, 4)
+    batch = stack_slots(buffers, [0, 1, 2, 3])
+    batch["done"][:] = False  # one discount throughout, no episode cut: the returns below need neither
+    batch["truncation_value"][:] = 0
+    batch["reward"] *= 3
+    batch["self_imitation"] = torch.tensor([False, False, True, True])
+    with torch.no_grad():
+        losses = module.compute_loss(batch)
+        others = module.compute_loss({name: values[:, :2] if values.dim() > 1 else values[:2]
+                                      for name, values in batch.items() if name != "self_imitation"})
+        logits, values, _ = module(batch)
+    # The V-trace loss is that of the other unrolls alone.
+    for name in ("policy_loss", "baseline_loss", "entropy_loss"):
+        torch.testing.assert_close(losses[name], others[name], rtol=1e-5, atol=1e-5)
+    # The policy acted (μ = π), so V-trace's targets are the discounted returns bootstrapped from
+    # V(x_T): what self-imitation learns towards, computed here another way.
+    returns = vtrace.from_logits(
+        behaviour_policy_logits=logits[:-1], target_policy_logits=logits[:-1], actions=batch["action"][:-1],
+        discounts=torch.full((T, 4), module.hparams.discount), rewards=batch["reward"][1:],
+        values=values[:-1], bootstrap_value=values[-1], clip_rho_threshold=None, clip_pg_rho_threshold=None,
+    )
+    better = (returns.vs - values[:-1]).clamp(min=0)[:, 2:]
+    assert (better > 0).any() and (better == 0).any()  # some actions beat the value, some did not
+    taken = torch.log_softmax(logits[:-1, 2:], -1).gather(-1, batch["action"][:-1, 2:, None]).squeeze(-1)
+    expected = -(taken * better).sum() + 0.25 * 0.5 * better.pow(2).sum()
+    torch.testing.assert_close(losses["self_imitation_loss"], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(losses["loss"], others["loss"] + expected, rtol=1e-5, atol=1e-5)
 
 
 def test_capacity_in_gib_bounds_the_unrolls_kept():

@@ -120,6 +120,11 @@ class ImpalaDataModule(LightningDataModule):
                 f"data.replay.capacity keeps {replay.capacity} unrolls, fewer than a batch of {batch_size}: raise "
                 "data.replay.capacity."
             )
+        if not 0 <= replay.self_imitation <= self.replayed_per_batch:
+            raise ConfigError(
+                f"data.replay.self_imitation is {replay.self_imitation}, and a batch holds {self.replayed_per_batch} "
+                "replayed unrolls: set it between 0 and that, or raise data.replay.ratio."
+            )
         least = least_slots_per_env(num_actors * envs_per_actor, self.fresh_per_batch)
         if slots_per_env is not None and slots_per_env < least:
             raise ConfigError(
@@ -230,11 +235,14 @@ class ImpalaDataModule(LightningDataModule):
         if self.replayed_per_batch:
             seed = self.hparams.seed + 1_000_003 * self.rank  # each rank draws its own replays
             replay = ReplayBuffer(self.pool.buffers, self.replay, seed=seed, least=self.hparams.batch_size)
+            imitated = self.replay.self_imitation
             rank_zero_info(
-                f"Replay: {self.replayed_per_batch} replayed and {self.fresh_per_batch} fresh unrolls per batch, "
-                f"from the last {replay.capacity} unrolls ({replay.nbytes / GIB:.2f} GiB of host memory at most)."
+                f"Replay: {self.replayed_per_batch} replayed"
+                f"{f' ({imitated} for self-imitation)' if imitated else ''} and {self.fresh_per_batch} fresh unrolls "
+                f"per batch, from the last {replay.capacity} unrolls ({replay.nbytes / GIB:.2f} GiB of host memory at most)."
             )
-        self.replay_buffer = replay  # the module sets its priorities (data.replay.sampling advantage)
+        # The module sets its priorities (sampling: advantage, self_imitation).
+        self.replay_buffer = replay
         # The actor pool is the workers and the dataset yields whole batches.
         dataset = TrajectoryDataset(
             self.pool, self.env_frames_per_step, self.hparams.rollout_timeout_s,

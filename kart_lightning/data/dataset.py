@@ -29,7 +29,9 @@ class TrajectoryDataset(IterableDataset):
 
     With `replay`, each batch is the pool's fresh unrolls followed by `replay_count` unrolls
     drawn from the buffer (once it holds a batch's worth), and the fresh ones then join it;
-    `replay_id` [B] names each in the buffer (for `ReplayBuffer.update_priorities`).
+    `replay_id` [B] names each in the buffer (for `ReplayBuffer.update_priorities`); with
+    `replay.self_imitation`, `self_imitation` [B] bool marks the unrolls drawn by advantage for the
+    self-imitation loss (the last of the batch).
     """
 
     # The batch in training, the one Lightning prefetches, and the one being written.
@@ -75,17 +77,23 @@ class TrajectoryDataset(IterableDataset):
         the first few batches hold the fresh ones alone); the fresh ones are stored after the
         draw, so none is replayed in its own batch."""
         count = self.replay_count if len(self.replay) >= self.pool.batch_size + self.replay_count else 0
-        batch, replayed_ids = fresh, torch.zeros(0, dtype=torch.int64)
+        imitated = self.replay.self_imitation if count else 0
+        batch, replayed_ids = fresh, [torch.zeros(0, dtype=torch.int64)]
         if count:
-            replayed = self.replay.sample(count)
-            replayed_ids = replayed.pop("replay_id")
+            draws = [self.replay.sample(count - imitated)]
+            if imitated:
+                draws.append(self.replay.sample(imitated, by_advantage=True))
+            replayed_ids = [draw.pop("replay_id") for draw in draws]
             batch = {}
             for name, values in fresh.items():
                 dim = 0 if values.dim() == 1 else 1
-                parts = (values, replayed[name])
+                parts = (values, *(draw[name] for draw in draws))
                 batch[name] = torch.cat(parts, dim=dim, out=out[name]) if out else torch.cat(parts, dim=dim)
-        batch["replay_id"] = torch.cat((self.replay.add(fresh), replayed_ids))
-        batch["replayed"] = torch.arange(self.pool.batch_size + count) >= self.pool.batch_size
+        batch["replay_id"] = torch.cat((self.replay.add(fresh), *replayed_ids))
+        column = torch.arange(self.pool.batch_size + count)
+        batch["replayed"] = column >= self.pool.batch_size
+        if self.replay.self_imitation:
+            batch["self_imitation"] = column >= self.pool.batch_size + count - imitated
         return batch
 
 

@@ -13,6 +13,11 @@ Learning"): each unroll's priority is its mean positive V-trace advantage, max(v
 over its steps, from the last batch that learnt from it (its fresh one first), and its chance is
 (priority + the buffer's mean priority) ** priority_exponent, so one that went no better than
 expected keeps a share. As in self-imitation, replayed unrolls are not weighted back to uniform.
+
+`self_imitation: K` keeps the draw uniform and adds self-imitation learning as its own term: K of
+each batch's replayed unrolls are drawn by advantage as above and the module learns from them by
+the self-imitation loss alone (the actions whose return beat the value, ImpalaModule's
+`self_imitation_value_cost`), so the V-trace loss still sees an unskewed sample.
 """
 
 import math
@@ -42,6 +47,9 @@ class ReplayConfig:
         half_life: For recent sampling, in unrolls; default capacity / 4.
         priority_exponent: For advantage sampling: how strongly the priority skews the draw
             (0: uniform).
+        self_imitation: Replayed unrolls per batch drawn by advantage (whatever `sampling` is)
+            and learnt by the self-imitation loss alone (0: none); at most the replayed unrolls
+            of a batch.
     """
 
     ratio: float = 0.0
@@ -50,6 +58,7 @@ class ReplayConfig:
     sampling: Literal["uniform", "recent", "advantage"] = "uniform"
     half_life: int | None = None
     priority_exponent: float = 1.0
+    self_imitation: int = 0
 
 
 def split_batch(batch_size: int, ratio: float) -> tuple[int, int]:
@@ -115,6 +124,7 @@ class ReplayBuffer:
         self.sampling = config.sampling
         self.half_life = config.half_life or max(1, capacity // 4)
         self.priority_exponent = config.priority_exponent
+        self.self_imitation = config.self_imitation
         self.priority = torch.zeros(capacity, dtype=torch.float64)
         # torch.empty: memory is taken as unrolls arrive, never more than `capacity` of them.
         self.storage = {name: torch.empty((capacity, *buffer.shape[1:]), dtype=buffer.dtype)
@@ -140,24 +150,29 @@ class ReplayBuffer:
         self.added += count
         return ids
 
+    @property
+    def keeps_priorities(self) -> bool:
+        """Whether draws by advantage need the learner's priorities."""
+        return self.sampling == "advantage" or self.self_imitation > 0
+
     def update_priorities(self, ids: torch.Tensor, priorities: torch.Tensor) -> None:
         """Set the priority of the unrolls `ids` [N] still held to `priorities` [N] (see
         `sampling: advantage`); ids whose rows newer unrolls have taken are passed over."""
         held = ids >= self.added - self.capacity
         self.priority[ids[held] % self.capacity] = priorities[held].to(self.priority.dtype)
 
-    def sample(self, count: int) -> dict[str, torch.Tensor]:
+    def sample(self, count: int, by_advantage: bool = False) -> dict[str, torch.Tensor]:
         """`count` stored unrolls (with replacement), as a time-major batch like `stack_slots`',
-        with their ids as `replay_id` [count]."""
+        with their ids as `replay_id` [count]; drawn as `sampling` says, or by advantage."""
         size = len(self)
         if size == 0:
             raise RuntimeError("the replay buffer is empty")
-        if self.sampling == "recent":
+        if self.sampling == "recent" and not by_advantage:
             ages = torch.arange(size, dtype=torch.float64)
             ages_to_rows = (self.added - 1 - torch.arange(size)) % self.capacity
             weights = torch.pow(0.5, ages / self.half_life)
             rows = ages_to_rows[torch.multinomial(weights, count, replacement=True, generator=self.generator)]
-        elif self.sampling == "advantage" and self.priority[:size].sum() > 0:
+        elif (by_advantage or self.sampling == "advantage") and self.priority[:size].sum() > 0:
             priority = self.priority[:size]
             weights = (priority + priority.mean()).pow(self.priority_exponent)
             rows = torch.multinomial(weights, count, replacement=True, generator=self.generator)
