@@ -301,8 +301,9 @@ def policy_actions(policy, env, kept: dict[int, bytes], past: int, actions: list
         print(f"the policy reached checkpoint {past} in none of {races} races from the kept states.")
         return drawn
     mean = torch.stack(probabilities).mean(0)
+    passed = sum(got_past_it for _, got_past_it, _ in drawn)
     print(f"the policy over its first {approach} steps at checkpoint {past} ({len(probabilities)} steps of "
-          f"{races} races from the kept states): "
+          f"{races} races from the kept states, {passed} of which got past it): "
           + ", ".join(f"{name} {share:.2f}" for name, share in zip(actions, mean.tolist())))
     return drawn
 
