@@ -277,10 +277,11 @@ class ImpalaModule(LightningModule):
         learnt as far as the return that followed it, R_t = r_t + γ_t R_t+1 from R_T = V(x_T),
         beat the value V(x_t), and the value is raised towards that return; where the return fell
         short, nothing is learnt."""
-        returns = torch.empty_like(rewards)
-        following = values[-1].detach()
-        for t in reversed(range(rewards.shape[0])):
-            following = returns[t] = rewards[t] + discounts[t] * following
+        # With every importance weight 1 (μ = π), V-trace's targets are exactly these returns.
+        returns = vtrace.from_importance_weights(
+            torch.zeros_like(rewards), discounts, rewards, values[:-1], values[-1],
+            clip_rho_threshold=None, clip_pg_rho_threshold=None,
+        ).vs
         better = (returns - values[:-1]).clamp(min=0) * imitated.to(values.dtype)  # [T, B]
         policy_loss = -(action_log_probs * better.detach()).sum()
         return policy_loss + self.hparams.self_imitation_value_cost * 0.5 * better.pow(2).sum()

@@ -193,8 +193,8 @@ def test_self_imitation_learns_the_imitated_unrolls_where_their_return_beat_the_
     # The V-trace loss is that of the other unrolls alone.
     for name in ("policy_loss", "baseline_loss", "entropy_loss"):
         torch.testing.assert_close(losses[name], others[name], rtol=1e-5, atol=1e-5)
-    # The policy acted (μ = π), so V-trace's targets are the discounted returns bootstrapped from
-    # V(x_T): what self-imitation learns towards, computed here another way.
+    # The policy acted (μ = π), so V-trace's targets from its logits are the discounted returns
+    # bootstrapped from V(x_T): what self-imitation learns towards.
     returns = vtrace.from_logits(
         behaviour_policy_logits=logits[:-1], target_policy_logits=logits[:-1], actions=batch["action"][:-1],
         discounts=torch.full((T, 4), module.hparams.discount), rewards=batch["reward"][1:],

@@ -123,7 +123,7 @@ class ImpalaDataModule(LightningDataModule):
         if not 0 <= replay.self_imitation <= self.replayed_per_batch:
             raise ConfigError(
                 f"data.replay.self_imitation is {replay.self_imitation}, and a batch holds {self.replayed_per_batch} "
-                "replayed unrolls: set it between 0 and that, or raise data.replay.ratio."
+                f"replayed unrolls: set it from 0 to {self.replayed_per_batch}, or raise data.replay.ratio."
             )
         least = least_slots_per_env(num_actors * envs_per_actor, self.fresh_per_batch)
         if slots_per_env is not None and slots_per_env < least:

@@ -157,7 +157,7 @@ class ReplayBuffer:
 
     def update_priorities(self, ids: torch.Tensor, priorities: torch.Tensor) -> None:
         """Set the priority of the unrolls `ids` [N] still held to `priorities` [N] (see
-        `sampling: advantage`); ids whose rows newer unrolls have taken are passed over."""
+        `sampling: advantage` and `self_imitation`); ids whose rows newer unrolls have taken are passed over."""
         held = ids >= self.added - self.capacity
         self.priority[ids[held] % self.capacity] = priorities[held].to(self.priority.dtype)
 
