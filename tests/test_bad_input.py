@@ -108,6 +108,8 @@ CASES = [
      "fewer than a batch of 16: raise data.replay.capacity"),
     ("fit", [*CARTPOLE, "--data.replay.ratio", "1", "--data.replay.self_imitation", "9"],
      "self_imitation is 9, and a batch holds 8 replayed unrolls"),
+    ("fit", [*CARTPOLE, "--data.replay.self_imitation", "2"],
+     "with replay off nothing is replayed for it: add --data.replay.self_imitation 0"),
     ("fit", [*CARTPOLE, "--model.augmentation", "random_shift"], "set model.augmentation none"),
     ("fit", [*AIRSTRIKER, "--model.augmentation", "mirror"], "names no mirrored actions: set model.augmentation none"),
     ("fit", [*CARTPOLE, "--ranks.silent_timeout_s", "0"], "ranks.silent_timeout_s is 0: set it to a number of seconds"),

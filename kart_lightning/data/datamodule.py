@@ -120,6 +120,11 @@ class ImpalaDataModule(LightningDataModule):
                 f"data.replay.capacity keeps {replay.capacity} unrolls, fewer than a batch of {batch_size}: raise "
                 "data.replay.capacity."
             )
+        if replay.self_imitation and not self.replayed_per_batch:
+            raise ConfigError(
+                f"data.replay.self_imitation is {replay.self_imitation}, and with replay off nothing is replayed for it: "
+                "add --data.replay.self_imitation 0, or set data.replay.ratio above 0."
+            )
         if not 0 <= replay.self_imitation <= self.replayed_per_batch:
             raise ConfigError(
                 f"data.replay.self_imitation is {replay.self_imitation}, and a batch holds {self.replayed_per_batch} "
