@@ -141,6 +141,23 @@ def test_offroad_ground_costs_nothing_by_default() -> None:
     assert rewards(race(), [ram(ground_type=84)]) == [0.0]
 
 
+def test_the_speed_reward_is_per_agent_step_at_full_speed_in_proportion_to_speed() -> None:
+    reward = race(frames_per_step=4, speed_reward=0.1)
+    assert sum(rewards(reward, [ram(speed=737)] * 4)) == pytest.approx(0.1)
+    assert sum(rewards(reward, [ram(speed=368)] * 4)) == pytest.approx(0.1 * 368 / 737)
+
+
+def test_the_speed_reward_is_not_paid_going_the_wrong_way_or_while_lost() -> None:
+    reward = race(speed_reward=0.1, wrong_way_penalty=0.0, fall_penalty=0.0)
+    readings = [ram(speed=737, lakitu=16), ram(speed=737, ground_status=4), ram(speed=737, ground_status=12)]
+    assert rewards(reward, readings) == [0.0, 0.0, 0.0]
+    assert rewards(reward, [ram(speed=737, ground_status=2)]) == [pytest.approx(0.1)]
+
+
+def test_speed_earns_nothing_by_default() -> None:
+    assert rewards(race(), [ram(speed=737)]) == [0.0]
+
+
 # Episode end
 
 

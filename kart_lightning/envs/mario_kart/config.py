@@ -33,6 +33,9 @@ class MarioKartConfig:
         fall_penalty: per fall off the track or into deep water or lava.
         lakitu_penalty: per Lakitu rescue; every fall ends in one, so this adds to fall_penalty.
         offroad_penalty: per agent step on ground other than the road the kart starts on (grass).
+        speed_reward: per agent step at full speed (game.FULL_SPEED), in proportion to the kart's
+            speed, while it is neither lost nor shown the wrong way: a reward for keeping speed
+            at once, where the checkpoints pay for it only later.
         laps: the episode terminates once this many laps are completed; 5 is the game's whole race.
         stall_steps: agent steps without passing a new checkpoint before the episode is truncated
             (bootstrapped, like a time limit); None never cuts a stalled race.
@@ -57,6 +60,7 @@ class MarioKartConfig:
     fall_penalty: float = 5.0
     lakitu_penalty: float = 0.0
     offroad_penalty: float = 0.0
+    speed_reward: float = 0.0
     laps: int = 5
     stall_steps: int | None = 150
     restart_share: float = 0.0

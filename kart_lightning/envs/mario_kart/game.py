@@ -37,6 +37,9 @@ LAKITU_FINISH_FLAG = 64
 """Bits of RAM `lakitu`: 16 while his wrong-way sign shows (also as 20 = 16 | 4 during a rescue,
 4 being his rescue flight), 64 while he waves the chequered flag after the finish."""
 
+FULL_SPEED = 737
+"""RAM `speed` at full throttle (B held) on Mario Circuit 1's straights; 0 on the grid."""
+
 RACE_FRAME_LIMIT = 18_000
 """Emulator frames (5 minutes at 60 frames/s) before a race is truncated when the config sets no
 limit: a 5-lap Time Trial on Mario Circuit 1 takes ~3,000 frames with B held well."""

@@ -11,6 +11,7 @@ import gymnasium
 from kart_lightning.envs.mario_kart.config import MarioKartConfig
 from kart_lightning.envs.mario_kart.game import (
     FALLEN,
+    FULL_SPEED,
     GROUND,
     LAKITU_RESCUE,
     LAKITU_WRONG_WAY,
@@ -37,6 +38,7 @@ class RaceReward:
         self.config = config
         self._wrong_way_per_frame = config.wrong_way_penalty / frames_per_step
         self._offroad_per_frame = config.offroad_penalty / frames_per_step
+        self._speed_per_frame = config.speed_reward / frames_per_step / FULL_SPEED
         self._stall_frames = None if config.stall_steps is None else config.stall_steps * frames_per_step
 
     def reset(self, ram: Mapping[str, int]) -> None:
@@ -80,8 +82,11 @@ class RaceReward:
         if rescued and not self._rescued:
             reward -= config.lakitu_penalty
         self._fallen, self._rescued = fallen, rescued
-        if ram["lakitu"] & LAKITU_WRONG_WAY:
+        wrong_way = ram["lakitu"] & LAKITU_WRONG_WAY
+        if wrong_way:
             reward -= self._wrong_way_per_frame
+        elif not (fallen or rescued):
+            reward += self._speed_per_frame * ram["speed"]
         if status == GROUND and ram["ground_type"] != self._road:
             reward -= self._offroad_per_frame
 
