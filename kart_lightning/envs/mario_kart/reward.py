@@ -82,8 +82,7 @@ class RaceReward:
         if rescued and not self._rescued:
             reward -= config.lakitu_penalty
         self._fallen, self._rescued = fallen, rescued
-        wrong_way = ram["lakitu"] & LAKITU_WRONG_WAY
-        if wrong_way:
+        if ram["lakitu"] & LAKITU_WRONG_WAY:
             reward -= self._wrong_way_per_frame
         elif not (fallen or rescued):
             reward += self._speed_per_frame * ram["speed"]
