@@ -2,8 +2,8 @@
 Mario Circuit 1-4 (10 sampled and 10 greedy episodes per track), summed up as a table row.
 
     python benchmarks/ablation.py --name baseline --out benchmarks/results/ablation-baseline.json -- \
-        --data.replay.ratio 0 --data.replay.self_imitation 0 --model.augmentation none --trainer.precision 32-true --evaluation.every_n_steps 1000 --data.eval_episodes 2
-    python benchmarks/ablation.py --name replay1 --out ... -- --data.replay.ratio 1 --data.replay.self_imitation 0 --model.augmentation none --trainer.precision 32-true --evaluation.every_n_steps 1000 --data.eval_episodes 2
+        --data.replay.ratio 0 --data.replay.self_imitation 0 --model.augmentation none --trainer.precision 32-true --evaluation.every_n_steps 1000 --data.eval_episodes 2 --data.env.options.speed_reward 0
+    python benchmarks/ablation.py --name replay1 --out ... -- --data.replay.ratio 1 --data.replay.self_imitation 0 --model.augmentation none --trainer.precision 32-true --evaluation.every_n_steps 1000 --data.eval_episodes 2 --data.env.options.speed_reward 0
 
 Every row uses configs/impala.yaml (or `--config`) with `--model.max_frames FRAMES` (the lr
 decays to zero over them) and the overrides after `--`; the run's folder keeps its TensorBoard
