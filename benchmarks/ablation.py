@@ -56,10 +56,10 @@ def row(name: str, fit: dict, sampled: dict, greedy: dict) -> str:
 def learning_curve(run: Path, points: int = 200) -> dict[str, dict[str, list[float]]]:
     """The run's learning curves, kept in the row's JSON (run folders are not kept): for the
     training means and the held-out evaluations of checkpoints and laps per episode (and, per
-    training state, checkpoints, laps and share of frames), the values with their env frames
+    training state, checkpoints, laps and share of frames; per evaluated track, checkpoints and laps), the values with their env frames
     (millions) and minutes of training, thinned to about `points` each."""
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from curve import at_steps, scalar_tags, series, state_tags, training_minutes
+    from curve import at_steps, evaluated_track_tags, scalar_tags, series, state_tags, training_minutes
 
     frames = series(run, "env_frames")
     by_frames = {step: value / 1e6 for _, step, value in frames}
@@ -67,8 +67,9 @@ def learning_curve(run: Path, points: int = 200) -> dict[str, dict[str, list[flo
     curves = {}
     tags = scalar_tags(run)
     per_state = [tag for name in ("episode_checkpoints", "episode_laps", "frame_share") for tag in state_tags(tags, name)]
+    per_track = [tag for key in ("checkpoints", "laps") for tag in evaluated_track_tags(tags, key)]
     for tag in ("train/episode_checkpoints", "train/episode_laps", "val/episode_checkpoints", "val/episode_laps",
-                *per_state):
+                *per_state, *per_track):
         values = series(run, tag)
         values = values[:: max(1, len(values) // points)]
         xs, ys = at_steps(values, by_frames)

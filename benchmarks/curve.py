@@ -7,7 +7,8 @@ evaluation's `val/episode_KEY`), against env frames and against minutes of train
 RUN_DIR is a run's folder (its `lightning_logs/version_*` are read, resumed parts joined in
 order), or the JSON of an ablation row (benchmarks/ablation.py keeps the curves there); several
 draw one line each, labelled by folder or file name (or `--labels`). `--per_state` adds a dotted
-line for each training state (track) the envs play in turn (`train/STATE/episode_KEY`).
+line for each training state (track) the envs play in turn (`train/STATE/episode_KEY`). A run
+evaluated on several tracks gets a line for each (`val/TRACK/KEY_mean`).
 """
 
 import argparse
@@ -47,11 +48,21 @@ def state_tags(tags: set[str], name: str) -> list[str]:
     return sorted(tag for tag in tags if tag.startswith("train/") and tag.count("/") == 2 and tag.endswith(f"/{name}"))
 
 
+def evaluated_track_tags(tags: set[str], key: str) -> list[str]:
+    """The evaluation's per-track tags `val/TRACK/KEY_mean` among `tags`, by track."""
+    return sorted(tag for tag in tags if tag.startswith("val/") and tag.count("/") == 2 and tag.endswith(f"/{key}_mean"))
+
+
 def lines(tags: set[str], key: str, per_state: bool) -> list[tuple[str, str, str]]:
-    """(tag, style, what) of each line to draw for episode statistic `key`."""
+    """(tag, style, what) of each line to draw for episode statistic `key`: the training mean (and
+    per training state), and the evaluation's, one line per evaluated track where there are several
+    (a validation course and the held-out one, say: their mean would hide both)."""
     drawn = [(f"train/episode_{key}", "-", "training")]
     if per_state:
         drawn += [(tag, ":", tag.split("/")[1]) for tag in state_tags(tags, f"episode_{key}")]
+    evaluated = evaluated_track_tags(tags, key)
+    if len(evaluated) > 1:
+        return [*drawn, *((tag, "o--", f"evaluation, {tag.split('/')[1]}") for tag in evaluated)]
     return [*drawn, (f"val/episode_{key}", "o--", "evaluation")]
 
 
@@ -103,7 +114,7 @@ def main() -> None:
             raise SystemExit(f"{run} holds no TensorBoard events with env_frames: pass a run folder of fit.")
         by_frames = {step: value / 1e6 for _, step, value in frames}
         by_minutes = training_minutes(frames)
-        for tag, style, part in lines(scalar_tags(run) if args.per_state else set(), args.key, args.per_state):
+        for tag, style, part in lines(scalar_tags(run), args.key, args.per_state):
             values = series(run, tag)
             if not values:
                 continue
