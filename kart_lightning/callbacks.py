@@ -358,7 +358,7 @@ class EpisodeRecorder(_PeriodicPolicyCallback):
     Args:
         every_n_steps: learner steps between recordings; null for none by steps.
         every_minutes: minutes between recordings; null for none by time.
-        track: the state to record (a stable-retro state name or file); null: the first held-out track.
+        track: the state to record (a stable-retro state name or file); null: the first of data.eval_env.retro_state.
         fps, max_frames, greedy, seed: see RecordOptions.
         final_wait_s: at the last step, how long fit waits for the recording in flight.
     """

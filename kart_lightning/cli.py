@@ -211,7 +211,7 @@ def record(args: list[str]) -> None:
     )
     parser.add_argument("--ckpt_path", type=str, required=True, help="a .ckpt file written by fit")
     parser.add_argument("--track", type=str | None, default=None,
-                        help="state to play, e.g. one of data.eval_env.retro_state (default: the checkpoint's first held-out track)")
+                        help="state to play, e.g. one of data.eval_env.retro_state (default: the first of the checkpoint's data.eval_env.retro_state)")
     parser.add_argument("--out", type=str | None, default=None,
                         help="GIF file to write (default: beside the checkpoint, NAME-TRACK.gif)")
     parser.add_class_arguments(RecordOptions)

@@ -60,7 +60,8 @@ def test_test_on_the_held_out_track_reports_race_results(
         "episodes", "return_mean", "return_min", "return_max", "length_mean",
         "checkpoints_mean", "laps_mean", "finished_sum", "race_time_s_mean", "best_lap_s_min",
     }  # fmt: skip
-    episode = report["episodes"][0]
+    # configs/impala.yaml evaluates its validation course too, first: the held-out track's episode.
+    episode = next(episode for episode in report["episodes"] if episode["track"] == "MarioCircuit.Act4")
     # A barely trained kart: no lap, so no finish, race time or best lap.
     assert episode["laps"] == 0 and not episode["finished"]
     assert episode["race_time_s"] is None and episode["best_lap_s"] is None
