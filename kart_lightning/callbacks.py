@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from kart_lightning.checkpointing import move_checkpoint, remove_checkpoint
 from kart_lightning.envs import EnvConfig
 from kart_lightning.errors import ConfigError
-from kart_lightning.evaluation import held_out_envs, play_tracks, scalar_metrics, summarize
+from kart_lightning.evaluation import held_out_envs, metric_names, play_tracks, scalar_metrics, summarize
 from kart_lightning.models import load_script, script_bytes
 from kart_lightning.processes import die_with_parent, parent_alive, stop_processes
 from kart_lightning.recording import RecordOptions, log_recording, record_episode
@@ -269,6 +269,27 @@ class HeldOutEvaluation(_PeriodicPolicyCallback):
         self.evaluated: Path | None = None
         """The checkpoint of the evaluation in flight, waiting for its score."""
 
+    def check_monitor(self, eval_env: EnvConfig) -> None:
+        """Raise ConfigError, before fit starts, when `monitor` is none of the metrics an
+        evaluation on `eval_env` gives (a track it does not evaluate, a stat its game lacks)."""
+        names = metric_names("val", eval_env)
+        if not self.save_best or self.monitor in names:
+            return
+        tracks = [name for name, _ in held_out_envs(eval_env)]
+        track = next((name for name in tracks if self.monitor.startswith(f"val/{name}/")), None)
+        if track is None and self.monitor.count("/") > 1:
+            raise ConfigError(
+                f"evaluation.monitor is {self.monitor}, but the evaluation plays {', '.join(tracks)} only "
+                f"(data.eval_env): monitor a track it plays, as val/{tracks[0]}/return_mean, or evaluate on "
+                f"{self.monitor.split('/')[1]} too."
+            )
+        # The overall means, and one track's own (the monitored track's, if it names one).
+        shown = [name for name in names if name.startswith(("val/episode_", f"val/{track or tracks[0]}/"))]
+        raise ConfigError(
+            f"evaluation.monitor is {self.monitor}, which the evaluation does not compute: name one of its "
+            f"metrics ({', '.join(shown)}{', ...' if len(tracks) > 1 else ''})."
+        )
+
     def checkpoint_folder(self, trainer: Trainer) -> Path | None:
         """Where the best checkpoint goes: the checkpoint callback's folder, if there is one."""
         dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
@@ -312,9 +333,12 @@ class HeldOutEvaluation(_PeriodicPolicyCallback):
         """Make `evaluated` (the checkpoint of `step`) the best checkpoint if its score beats the best."""
         if self.monitor not in metrics:
             remove_checkpoint(evaluated)
+            # fit checked the name at its start (check_monitor): no episode of this evaluation gave
+            # the stat (a race time where no race finished), or the callback runs outside the CLI.
             warnings.warn(
-                f"evaluation.monitor is {self.monitor}, which is none of the evaluation's metrics "
-                f"({', '.join(metrics)}): set it to one of them to keep the best checkpoint.", stacklevel=1,
+                f"evaluation.monitor {self.monitor} has no value in the evaluation of step {step}, so its "
+                "checkpoint is not kept as the best: monitor a metric every evaluation gives, such as "
+                "val/episode_return or val/TRACK/return_mean.", stacklevel=1,
             )
             return
         score = metrics[self.monitor]

@@ -123,6 +123,9 @@ class ImpalaCLI(LightningCLI):
         self.trainer.limit_val_batches = 0
         note_slow_precision(self.trainer)
         check_checkpoint(self.config.fit.ckpt_path, self.model.hparams)
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, HeldOutEvaluation):
+                callback.check_monitor(self.datamodule.eval_env)
         for checkpoint in self.trainer.checkpoint_callbacks:
             if checkpoint.dirpath:
                 check_writable(checkpoint.dirpath, "--checkpoint.dirpath")

@@ -176,3 +176,12 @@ def scalar_metrics(prefix: str, summary: dict[str, dict[str, Any]]) -> dict[str,
             if value is not None:
                 metrics[f"{prefix}/{track}/{key}"] = float(value)
     return metrics
+
+
+def metric_names(prefix: str, config: EnvConfig) -> list[str]:
+    """Every name `scalar_metrics` can give for an evaluation on `config`'s held-out tracks: the
+    overall means first, then each track's."""
+    keys = [key for key, _, _ in _COLUMNS]
+    keys += [f"{key}_{how}" for key, how in find_family(config.id).extra_stats.items()]
+    overall = [f"{prefix}/episode_{key.removesuffix('_mean')}" for key in keys if key.endswith("_mean")]
+    return overall + [f"{prefix}/{name}/{key}" for name, _ in held_out_envs(config) for key in keys]

@@ -19,7 +19,8 @@ from kart_lightning.callbacks import HeldOutEvaluation
 from kart_lightning.checkpointing import CheckpointFiles, policy_path
 from kart_lightning.data import ImpalaDataModule, WeightPublisher
 from kart_lightning.envs import EnvConfig, make_env
-from kart_lightning.evaluation import format_table, play_episode, summarize
+from kart_lightning.errors import ConfigError
+from kart_lightning.evaluation import format_table, metric_names, play_episode, scalar_metrics, summarize
 from kart_lightning.module import ImpalaModule
 from kart_lightning.recording import RecordOptions, record_episode
 
@@ -84,6 +85,16 @@ def test_races_are_summed_up_as_the_game_family_says_checkpoints_laps_finishes_a
     assert table[0].split() == ["track", "episodes", "return", "mean", "min", "max", "steps", "checkpoints",
                                 "laps", "finished", "race", "time", "s", "best", "lap", "s"]
     assert table[3].split()[-2:] == ["-", "-"]
+    # fit checks evaluation.monitor against the names an evaluation can give, before it starts:
+    # every name these races give is among them, and a track not evaluated is refused.
+    evaluated = EnvConfig(id=kart, retro_state=["MarioCircuit.Act4", "DonutPlains.Act1"])
+    assert set(scalar_metrics("val", summary)) <= set(metric_names("val", evaluated))
+    HeldOutEvaluation(monitor="val/DonutPlains.Act1/return_mean").check_monitor(evaluated)
+    with pytest.raises(ConfigError, match="plays MarioCircuit.Act4 only"):
+        HeldOutEvaluation(monitor="val/DonutPlains.Act1/return_mean").check_monitor(
+            EnvConfig(id=kart, retro_state="MarioCircuit.Act4"))
+    with pytest.raises(ConfigError, match="val/DonutPlains.Act1/laps_mean"):
+        HeldOutEvaluation(monitor="val/DonutPlains.Act1/lap_mean").check_monitor(evaluated)
 
 
 # Evaluation during fit
