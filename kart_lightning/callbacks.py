@@ -272,16 +272,19 @@ class HeldOutEvaluation(_PeriodicPolicyCallback):
     def check_monitor(self, eval_env: EnvConfig) -> None:
         """Raise ConfigError, before fit starts, when `monitor` is none of the metrics an
         evaluation on `eval_env` gives (a track it does not evaluate, a stat its game lacks)."""
-        names = metric_names("val", eval_env)
-        if not self.save_best or self.monitor in names:
+        if not (self.save_best and self.enabled):
             return
-        tracks = [name for name, _ in held_out_envs(eval_env)]
+        names = metric_names("val", eval_env)
+        if self.monitor in names:
+            return
+        tracks = list(dict.fromkeys(name for name, _ in held_out_envs(eval_env)))
         track = next((name for name in tracks if self.monitor.startswith(f"val/{name}/")), None)
         if track is None and self.monitor.count("/") > 1:
+            other = self.monitor.split("/")[1]
+            add = f", or add {other} to data.eval_env.retro_state" if eval_env.retro_state is not None else ""
             raise ConfigError(
                 f"evaluation.monitor is {self.monitor}, but the evaluation plays {', '.join(tracks)} only "
-                f"(data.eval_env): monitor a track it plays, as val/{tracks[0]}/return_mean, or evaluate on "
-                f"{self.monitor.split('/')[1]} too."
+                f"(data.eval_env): monitor a track it plays, such as val/{tracks[0]}/return_mean{add}."
             )
         # The overall means, and one track's own (the monitored track's, if it names one).
         shown = [name for name in names if name.startswith(("val/episode_", f"val/{track or tracks[0]}/"))]

@@ -102,7 +102,7 @@ class ImpalaCLI(LightningCLI):
             )
         check_checkpoint(config.ckpt_path, None)
         if subcommand == "fit":
-            check_monitor(config.checkpoint.monitor)
+            check_checkpoint_monitor(config.checkpoint.monitor)
             if config.model.trust_region_kl is not None and config.data.exploration.epsilon > 0:
                 raise ConfigError(
                     "model.trust_region_kl leaves out every unroll with a held random action "
@@ -150,7 +150,7 @@ def note_slow_precision(trainer) -> None:
         )
 
 
-def check_monitor(monitor: str | None) -> None:
+def check_checkpoint_monitor(monitor: str | None) -> None:
     """Raise ConfigError when ModelCheckpoint monitors a metric of the held-out evaluation: its
     score comes from another process, after ModelCheckpoint's save was due, and Lightning then
     defers that save to a validation loop that never runs during fit."""

@@ -103,7 +103,7 @@ CASES = [
     ("fit", [*CARTPOLE, "--checkpoint.monitor", "val/episode_return"], "with evaluation.monitor val/episode_return"),
     ("fit", [*CARTPOLE, "--evaluation.monitor", "train/loss"], "evaluation.monitor is train/loss"),
     ("fit", [*CARTPOLE, "--evaluation.monitor", "val/LunarLander-v3/return_mean"],
-     "monitor a track it plays, as val/CartPole-v1/return_mean"),
+     "monitor a track it plays, such as val/CartPole-v1/return_mean."),
     ("fit", [*CARTPOLE, "--evaluation.monitor", "val/episode_checkpoints"], "name one of its metrics (val/episode_return"),
     ("fit", [*CARTPOLE, "--data.replay.ratio", "-1"], "data.replay.ratio is -1.0"),
     ("fit", [*CARTPOLE, "--data.replay.ratio", "0.01"], "leaves no replayed unroll in a batch of 16"),

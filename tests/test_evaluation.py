@@ -85,16 +85,29 @@ def test_races_are_summed_up_as_the_game_family_says_checkpoints_laps_finishes_a
     assert table[0].split() == ["track", "episodes", "return", "mean", "min", "max", "steps", "checkpoints",
                                 "laps", "finished", "race", "time", "s", "best", "lap", "s"]
     assert table[3].split()[-2:] == ["-", "-"]
-    # fit checks evaluation.monitor against the names an evaluation can give, before it starts:
-    # every name these races give is among them, and a track not evaluated is refused.
+
+
+def test_fit_refuses_an_evaluation_monitor_that_the_evaluation_never_computes():
+    """fit checks evaluation.monitor against the names an evaluation can give before it starts:
+    every name a summary of real races gives is among them; a track not played is refused, and so
+    is a stat the game does not have."""
+    kart = "SuperMarioKart-Snes-v0"
+    races = [
+        {"track": "MarioCircuit.Act4", "env_id": kart, "seed": 0, "return": 60.0, "length": 900,
+         "checkpoints": 150, "laps": 5, "finished": True, "race_time_s": 95.5, "best_lap_s": 18.2},
+        {"track": "DonutPlains.Act1", "env_id": kart, "seed": 0, "return": -3.0, "length": 150,
+         "checkpoints": 2, "laps": 0, "finished": False, "race_time_s": None, "best_lap_s": None},
+    ]
     evaluated = EnvConfig(id=kart, retro_state=["MarioCircuit.Act4", "DonutPlains.Act1"])
-    assert set(scalar_metrics("val", summary)) <= set(metric_names("val", evaluated))
+    given = scalar_metrics("val", summarize(races))
+    assert "val/DonutPlains.Act1/checkpoints_mean" in given and set(given) <= set(metric_names("val", evaluated))
     HeldOutEvaluation(monitor="val/DonutPlains.Act1/return_mean").check_monitor(evaluated)
-    with pytest.raises(ConfigError, match="plays MarioCircuit.Act4 only"):
+    with pytest.raises(ConfigError, match="plays MarioCircuit.Act4 only .* or add DonutPlains.Act1 to"):
         HeldOutEvaluation(monitor="val/DonutPlains.Act1/return_mean").check_monitor(
             EnvConfig(id=kart, retro_state="MarioCircuit.Act4"))
     with pytest.raises(ConfigError, match="val/DonutPlains.Act1/laps_mean"):
         HeldOutEvaluation(monitor="val/DonutPlains.Act1/lap_mean").check_monitor(evaluated)
+    HeldOutEvaluation(monitor="val/DonutPlains.Act1/lap_mean", save_best=False).check_monitor(evaluated)
 
 
 # Evaluation during fit
