@@ -64,17 +64,19 @@ def test_test_prints_a_table_and_writes_json_beside_the_checkpoint(run_dir, kart
     assert "checkpoints_mean" not in row, "race columns only for races"
 
 
+KART = "SuperMarioKart-Snes-v0"
+RACES = [
+    {"track": "MarioCircuit.Act4", "env_id": KART, "seed": 0, "return": 60.0, "length": 900,
+     "checkpoints": 150, "laps": 5, "finished": True, "race_time_s": 95.5, "best_lap_s": 18.2},
+    {"track": "MarioCircuit.Act4", "env_id": KART, "seed": 1, "return": 20.0, "length": 400,
+     "checkpoints": 40, "laps": 1, "finished": False, "race_time_s": None, "best_lap_s": 19.0},
+    {"track": "DonutPlains.Act1", "env_id": KART, "seed": 0, "return": -3.0, "length": 150,
+     "checkpoints": 2, "laps": 0, "finished": False, "race_time_s": None, "best_lap_s": None},
+]
+
+
 def test_races_are_summed_up_as_the_game_family_says_checkpoints_laps_finishes_and_times():
-    kart = "SuperMarioKart-Snes-v0"
-    races = [
-        {"track": "MarioCircuit.Act4", "env_id": kart, "seed": 0, "return": 60.0, "length": 900,
-         "checkpoints": 150, "laps": 5, "finished": True, "race_time_s": 95.5, "best_lap_s": 18.2},
-        {"track": "MarioCircuit.Act4", "env_id": kart, "seed": 1, "return": 20.0, "length": 400,
-         "checkpoints": 40, "laps": 1, "finished": False, "race_time_s": None, "best_lap_s": 19.0},
-        {"track": "DonutPlains.Act1", "env_id": kart, "seed": 0, "return": -3.0, "length": 150,
-         "checkpoints": 2, "laps": 0, "finished": False, "race_time_s": None, "best_lap_s": None},
-    ]
-    summary = summarize(races)
+    summary = summarize(RACES)
     assert summary["MarioCircuit.Act4"] == {
         "episodes": 2, "return_mean": 40.0, "return_min": 20.0, "return_max": 60.0, "length_mean": 650.0,
         "checkpoints_mean": 95.0, "laps_mean": 3.0, "finished_sum": 1.0, "race_time_s_mean": 95.5,
@@ -91,20 +93,13 @@ def test_fit_refuses_an_evaluation_monitor_that_the_evaluation_never_computes():
     """fit checks evaluation.monitor against the names an evaluation can give before it starts:
     every name a summary of real races gives is among them; a track not played is refused, and so
     is a stat the game does not have."""
-    kart = "SuperMarioKart-Snes-v0"
-    races = [
-        {"track": "MarioCircuit.Act4", "env_id": kart, "seed": 0, "return": 60.0, "length": 900,
-         "checkpoints": 150, "laps": 5, "finished": True, "race_time_s": 95.5, "best_lap_s": 18.2},
-        {"track": "DonutPlains.Act1", "env_id": kart, "seed": 0, "return": -3.0, "length": 150,
-         "checkpoints": 2, "laps": 0, "finished": False, "race_time_s": None, "best_lap_s": None},
-    ]
-    evaluated = EnvConfig(id=kart, retro_state=["MarioCircuit.Act4", "DonutPlains.Act1"])
-    given = scalar_metrics("val", summarize(races))
+    evaluated = EnvConfig(id=KART, retro_state=["MarioCircuit.Act4", "DonutPlains.Act1"])
+    given = scalar_metrics("val", summarize(RACES))
     assert "val/DonutPlains.Act1/checkpoints_mean" in given and set(given) <= set(metric_names("val", evaluated))
     HeldOutEvaluation(monitor="val/DonutPlains.Act1/return_mean").check_monitor(evaluated)
     with pytest.raises(ConfigError, match="plays MarioCircuit.Act4 only .* or add DonutPlains.Act1 to"):
         HeldOutEvaluation(monitor="val/DonutPlains.Act1/return_mean").check_monitor(
-            EnvConfig(id=kart, retro_state="MarioCircuit.Act4"))
+            EnvConfig(id=KART, retro_state="MarioCircuit.Act4"))
     with pytest.raises(ConfigError, match="val/DonutPlains.Act1/laps_mean"):
         HeldOutEvaluation(monitor="val/DonutPlains.Act1/lap_mean").check_monitor(evaluated)
     HeldOutEvaluation(monitor="val/DonutPlains.Act1/lap_mean", save_best=False).check_monitor(evaluated)
