@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.aggregation import RunningMean
 
@@ -69,6 +70,8 @@ class JobStep:
     """Per rank: its own env frames/s and policy lag (empty with one rank)."""
     stop: bool = False
     """Ctrl-C reached some rank: every rank stops after this step (several ranks only)."""
+    time_spent: float = 0.0
+    """The share of trainer.max_time spent, by rank 0's clock (model.lr_decay_time; else 0)."""
 
 
 class ImpalaModule(LightningModule):
@@ -98,6 +101,7 @@ class ImpalaModule(LightningModule):
         rmsprop_momentum: float = 0.0,
         adam_eps: float = 1e-8,
         lr_decay: bool = True,
+        lr_decay_time: bool = False,
         max_frames: int = 10_000_000,
         return_window: int = 100,
         augmentation: Literal["none", "random_shift", "mirror"] = "none",
@@ -128,6 +132,9 @@ class ImpalaModule(LightningModule):
             rmsprop_momentum: RMSProp momentum.
             adam_eps: Adam epsilon.
             lr_decay: Decay the learning rate linearly to zero over max_frames.
+            lr_decay_time: Decay it over trainer.max_time too: the lr falls with whichever budget,
+                frames or time, is further spent, so a run that max_time stops ends with the lr at
+                zero however fast the machine is. The schedule then depends on the machine's speed.
             max_frames: Env frames (agent steps × frame skip) after which fit stops, across resumes.
             return_window: Episodes averaged in the logged means of the return, the length and the
                 env's episode extra stats.
@@ -174,6 +181,11 @@ class ImpalaModule(LightningModule):
                 "model.augmentation mirror flips whole unrolls, whose LSTM state was computed on the "
                 "unflipped past: set model.use_lstm false, or model.augmentation none or random_shift."
             )
+        if lr_decay_time and not lr_decay:
+            raise ConfigError(
+                "model.lr_decay_time decays the lr over trainer.max_time, and model.lr_decay is false: "
+                "set model.lr_decay true, or model.lr_decay_time false."
+            )
         if not self_imitation_value_cost >= 0:
             raise ConfigError(
                 f"model.self_imitation_value_cost is {self_imitation_value_cost}: set it to 0 or more."
@@ -188,6 +200,8 @@ class ImpalaModule(LightningModule):
         self.register_buffer("mirror_index", index, persistent=False)
         # A buffer, so checkpoints carry it and resume continues the count and the lr schedule.
         self.register_buffer("env_frames", torch.zeros((), dtype=torch.int64))
+        # The share of trainer.max_time spent (rank 0's clock), for lr_decay_time; 0 without it.
+        self._time_spent = 0.0
         # Running means of the last `return_window` episodes' return, length and the env's extra
         # stats, one per `episode_KEY` field of the batches, made as the keys first arrive. A plain
         # dict: they are logging state, not parts of the model (nor of its summary).
@@ -301,6 +315,7 @@ class ImpalaModule(LightningModule):
         job = self._job_step(batch)
         # Every rank adds the same sum, so the budget, the lr schedule and the stop agree.
         self.env_frames += job.env_frames
+        self._time_spent = job.time_spent
         if job.stop:
             self.trainer.should_stop = True
         self._log_training(batch, losses, job)
@@ -327,6 +342,9 @@ class ImpalaModule(LightningModule):
     def on_train_start(self) -> None:
         # The config and the number of ranks decide the learning rate, also on resume, where the
         # checkpoint's optimizer and scheduler states would bring back the rate they were saved with.
+        if self.hparams.lr_decay_time:
+            # Rank 0's clock, so every rank starts at the same rate (a resumed run's Timer has its time).
+            self._time_spent = float(self.trainer.strategy.broadcast(self._local_time_spent()))
         rate = self.scaled_learning_rate()
         for group in self.optimizers().param_groups:
             group["initial_lr"], group["lr"] = rate, rate * self._lr_factor(0)
@@ -334,21 +352,32 @@ class ImpalaModule(LightningModule):
         if scheduler is not None:
             scheduler.base_lrs = [rate] * len(scheduler.base_lrs)
 
+    def _local_time_spent(self) -> float:
+        """The share of trainer.max_time this run has spent, its resumes' time included (0 without a max_time)."""
+        timer = next((callback for callback in self.trainer.callbacks if isinstance(callback, Timer)), None)
+        remaining = timer.time_remaining() if timer is not None else None
+        if remaining is None:
+            return 0.0
+        elapsed = timer.time_elapsed()
+        return min(1.0, elapsed / max(elapsed + remaining, 1e-9))
+
     def _job_step(self, batch: dict[str, torch.Tensor]) -> JobStep:
         """This rank's fresh frames, finished episodes, frames/s, policy lag and Ctrl-C request,
         gathered from every rank when there are several (one small all_gather per step)."""
         fresh = self._fresh(batch)
         finished = batch["done"][1:] & ~torch.isnan(batch["episode_return"][1:]) & fresh  # [T, B]
         names = sorted(name for name in batch if name.startswith("episode_"))
+        time_spent = self._local_time_spent() if self.hparams.lr_decay_time else 0.0
         if self.world_size == 1:
-            return JobStep(batch["env_frames"], {name: batch[name][1:][finished] for name in names}, [])
+            return JobStep(batch["env_frames"], {name: batch[name][1:][finished] for name in names}, [],
+                           time_spent=time_spent)
         values = torch.stack([batch[name][1:].double() for name in names])  # [K, T, B]
         self._rank_frames += batch["env_frames"]
         self._rank_throughput.append((time.monotonic(), self._rank_frames))
         (t0, f0), (t1, f1) = self._rank_throughput[0], self._rank_throughput[-1]
         frames_per_s = (f1 - f0) / (t1 - t0) if t1 > t0 else math.nan
         lag = float(self.global_step - batch["policy_version"].float()[fresh].mean())
-        head = torch.tensor([batch["env_frames"], frames_per_s, lag, stop_requested()],
+        head = torch.tensor([batch["env_frames"], frames_per_s, lag, stop_requested(), time_spent],
                             dtype=torch.float64, device=values.device)
         row = torch.cat([head, finished.double().flatten(), values.flatten()])
         # torch's all_gather, not LightningModule.all_gather: that one goes through
@@ -357,13 +386,15 @@ class ImpalaModule(LightningModule):
         dist.all_gather(rows, row)
         rows = torch.stack(rows)  # [N, ...]: one row per rank
         cells = finished.numel()
-        finished_all = rows[:, 4:4 + cells].bool()
-        values_all = rows[:, 4 + cells:].reshape(rows.shape[0], len(names), cells)
+        start = head.numel()
+        finished_all = rows[:, start:start + cells].bool()
+        values_all = rows[:, start + cells:].reshape(rows.shape[0], len(names), cells)
         return JobStep(
             env_frames=int(rows[:, 0].sum()),
             episodes={name: values_all[:, i][finished_all] for i, name in enumerate(names)},
             ranks=[(float(row[1]), float(row[2])) for row in rows],
             stop=bool(rows[:, 3].any()),
+            time_spent=float(rows[0, 4]),
         )
 
     @staticmethod
@@ -538,7 +569,11 @@ class ImpalaModule(LightningModule):
 
     def _lr_factor(self, _step: int) -> float:
         """Linear decay to zero over the frame budget, read from the frame counter so a resumed
-        run continues the same schedule."""
+        run continues the same schedule; with lr_decay_time, over the time budget where more of
+        it is spent."""
         if not self.hparams.lr_decay:
             return 1.0
-        return max(0.0, 1.0 - int(self.env_frames) / self.hparams.max_frames)
+        spent = int(self.env_frames) / self.hparams.max_frames
+        if self.hparams.lr_decay_time:
+            spent = max(spent, self._time_spent)
+        return max(0.0, 1.0 - spent)

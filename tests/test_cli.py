@@ -1,6 +1,7 @@
 """The command line end to end, in subprocesses: fit, resume, test, bad input, Ctrl-C."""
 
 import gzip
+import itertools
 import os
 import re
 import signal
@@ -95,6 +96,20 @@ def test_resume_continues_steps_frames_optimizer_and_lr_schedule(trained, tmp_pa
     assert min(logged) > 200
     for step, lr in logged.items():
         assert lr == pytest.approx(0.003 * (1 - step / 300), abs=1e-6)
+
+
+def test_with_lr_decay_time_a_run_stopped_by_max_time_ends_with_the_lr_near_zero(tmp_path, kart):
+    # A frame budget far beyond what 20 s give: the time budget decides the schedule.
+    kart("fit", *cartpole_args(tmp_path, 10**9), "--trainer.max_time", "00:00:00:20",
+         "--model.lr_decay_time", "true", "--trainer.log_every_n_steps", "1")
+    checkpoint = load(tmp_path / "checkpoints" / "last.ckpt")
+    assert int(checkpoint["state_dict"]["env_frames"]) < 10**9 / 100
+    logged = learning_rates(tmp_path)
+    rates = [logged[step] for step in sorted(logged)]
+    assert len(rates) > 10
+    assert all(later <= earlier for earlier, later in itertools.pairwise(rates))
+    # The last step logged came at most a step before max_time stopped the run.
+    assert rates[0] > 0.003 * 0.5 and rates[-1] < 0.003 * 0.1
 
 
 def learning_rates(run_dir: Path) -> dict:

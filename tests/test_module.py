@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from kart_lightning.errors import ConfigError
 from kart_lightning.module import ImpalaModule, clip_rewards
 
 T, B = 8, 4
@@ -182,6 +183,26 @@ def test_without_lr_decay_the_learning_rate_stays():
     optimizer.step()
     scheduler.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+def test_with_lr_decay_time_the_learning_rate_follows_the_budget_further_spent():
+    module = make_module(max_frames=1000, learning_rate=0.01, lr_decay_time=True)
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    learning_rates = []
+    # (env frames, share of trainer.max_time spent, as _job_step sets it): the larger share decides.
+    for env_frames, time_spent in ((100, 0.5), (600, 0.5), (700, 0.9), (700, 1.0)):
+        module.env_frames.fill_(env_frames)
+        module._time_spent = time_spent
+        optimizer.step()
+        scheduler.step()
+        learning_rates.append(optimizer.param_groups[0]["lr"])
+    assert learning_rates == pytest.approx([0.005, 0.004, 0.001, 0.0])
+
+
+def test_lr_decay_time_without_lr_decay_is_refused():
+    with pytest.raises(ConfigError, match="set model.lr_decay true, or model.lr_decay_time false"):
+        make_module(lr_decay=False, lr_decay_time=True)
 
 
 def test_env_frame_counter_is_saved_in_the_state_dict():
