@@ -5,6 +5,7 @@ The ROM tests (marked `needs_rom`) find the ROM in the folder named by $KART_LIG
 """
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -42,6 +43,56 @@ def run_kart(
 def kart() -> Callable[..., subprocess.CompletedProcess]:
     """The command-line runner `run_kart`: `kart("fit", "--config", ..., env={...})`."""
     return run_kart
+
+
+class KartServer:
+    """`python -m kart_lightning ARGS` as a forked child of a process that has imported it once
+    (tests/cli_server.py): the same command, exit code and output as `run_kart` gives, without
+    each run's ~3 s of imports. For the many short runs that end at a refusal; the environment
+    is this process's at the server's start."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.runs = 0
+        self.process = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "cli_server.py")], cwd=REPO, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )  # fmt: skip
+
+    def __call__(self, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
+        self.runs += 1
+        out, err = self.folder / f"run-{self.runs}.out", self.folder / f"run-{self.runs}.err"
+        request = {"args": list(args), "cwd": str(REPO), "stdout": str(out), "stderr": str(err),
+                   "timeout_s": timeout_s}
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        answer = self.process.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"tests/cli_server.py ended (exit {self.process.wait()})")
+        answer = json.loads(answer)
+        stdout, stderr = out.read_text(), err.read_text()
+        command = [sys.executable, "-m", "kart_lightning", *args]
+        if answer["timed_out"]:
+            raise subprocess.TimeoutExpired(command, timeout_s, stdout, stderr)
+        return subprocess.CompletedProcess(command, answer["returncode"], stdout, stderr)
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def kart_servers(tmp_path_factory) -> Iterator[Callable[[], KartServer]]:
+    """Makes KartServers (`server = kart_servers()`; `server("fit", ...)`), closed after the module."""
+    made = []
+
+    def make() -> KartServer:
+        made.append(KartServer(tmp_path_factory.mktemp("cli-server")))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.close()
 
 
 # The Super Mario Kart ROM

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from queue import Queue
 
 import pytest
 import torch
@@ -145,15 +146,23 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def outcomes(files, kart) -> list[subprocess.CompletedProcess | subprocess.TimeoutExpired]:
-    """Every case's run, two at a time: each is a fresh interpreter that spends most of its few
-    seconds importing torch and Lightning on one core, and the cases share no file they write."""
+def outcomes(files, kart_servers) -> list[subprocess.CompletedProcess | subprocess.TimeoutExpired]:
+    """Every case's run, each its own process forked from one that imported the command line
+    once (a fresh interpreter spends most of a case's few seconds importing torch and Lightning),
+    two at a time: the cases share no file they write."""
+    servers = Queue()
+    for _ in range(2):
+        servers.put(kart_servers())
+
     def run(case: tuple[str, list[str], str]) -> subprocess.CompletedProcess | subprocess.TimeoutExpired:
         command, args, _ = case
+        server = servers.get()
         try:
-            return kart(command, *(arg.format(**files) for arg in args), check=False, timeout_s=180)
+            return server(command, *(arg.format(**files) for arg in args), timeout_s=180)
         except subprocess.TimeoutExpired as hung:  # fails its own case, not every case
             return hung
+        finally:
+            servers.put(server)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         return list(pool.map(run, CASES))
