@@ -45,6 +45,16 @@ def gradient_norm(module: torch.nn.Module) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
+def time_share(timer: Timer | None) -> float:
+    """The share of its max_time that a Lightning Timer has counted, at most 1 (0 without a
+    Timer or a max_time); a resumed fit's Timer counts the time of the fits before it."""
+    remaining = timer.time_remaining() if timer is not None else None
+    if remaining is None:
+        return 0.0
+    elapsed = timer.time_elapsed()
+    return min(1.0, elapsed / max(elapsed + remaining, 1e-9))
+
+
 def no_other_ranks() -> bool:
     return False
 
@@ -70,7 +80,7 @@ class JobStep:
     """Per rank: its own env frames/s and policy lag (empty with one rank)."""
     stop: bool = False
     """Ctrl-C reached some rank: every rank stops after this step (several ranks only)."""
-    time_spent: float = 0.0
+    time_share: float = 0.0
     """The share of trainer.max_time spent, by rank 0's clock (model.lr_decay_time; else 0)."""
 
 
@@ -201,7 +211,8 @@ class ImpalaModule(LightningModule):
         # A buffer, so checkpoints carry it and resume continues the count and the lr schedule.
         self.register_buffer("env_frames", torch.zeros((), dtype=torch.int64))
         # The share of trainer.max_time spent (rank 0's clock), for lr_decay_time; 0 without it.
-        self._time_spent = 0.0
+        self._time_share = 0.0
+        self._timer: Timer | None = None
         # Running means of the last `return_window` episodes' return, length and the env's extra
         # stats, one per `episode_KEY` field of the batches, made as the keys first arrive. A plain
         # dict: they are logging state, not parts of the model (nor of its summary).
@@ -315,7 +326,7 @@ class ImpalaModule(LightningModule):
         job = self._job_step(batch)
         # Every rank adds the same sum, so the budget, the lr schedule and the stop agree.
         self.env_frames += job.env_frames
-        self._time_spent = job.time_spent
+        self._time_share = job.time_share
         if job.stop:
             self.trainer.should_stop = True
         self._log_training(batch, losses, job)
@@ -343,8 +354,11 @@ class ImpalaModule(LightningModule):
         # The config and the number of ranks decide the learning rate, also on resume, where the
         # checkpoint's optimizer and scheduler states would bring back the rate they were saved with.
         if self.hparams.lr_decay_time:
-            # Rank 0's clock, so every rank starts at the same rate (a resumed run's Timer has its time).
-            self._time_spent = float(self.trainer.strategy.broadcast(self._local_time_spent()))
+            # Lightning's Timer, found once: it holds max_time and, on resume, the time of the fits before.
+            self._timer = next((callback for callback in self.trainer.callbacks
+                                if isinstance(callback, Timer) and callback.time_remaining() is not None), None)
+            # Rank 0's clock, so every rank starts at the same rate.
+            self._time_share = float(self.trainer.strategy.broadcast(time_share(self._timer)))
         rate = self.scaled_learning_rate()
         for group in self.optimizers().param_groups:
             group["initial_lr"], group["lr"] = rate, rate * self._lr_factor(0)
@@ -352,32 +366,22 @@ class ImpalaModule(LightningModule):
         if scheduler is not None:
             scheduler.base_lrs = [rate] * len(scheduler.base_lrs)
 
-    def _local_time_spent(self) -> float:
-        """The share of trainer.max_time this run has spent, its resumes' time included (0 without a max_time)."""
-        timer = next((callback for callback in self.trainer.callbacks if isinstance(callback, Timer)), None)
-        remaining = timer.time_remaining() if timer is not None else None
-        if remaining is None:
-            return 0.0
-        elapsed = timer.time_elapsed()
-        return min(1.0, elapsed / max(elapsed + remaining, 1e-9))
-
     def _job_step(self, batch: dict[str, torch.Tensor]) -> JobStep:
         """This rank's fresh frames, finished episodes, frames/s, policy lag and Ctrl-C request,
         gathered from every rank when there are several (one small all_gather per step)."""
         fresh = self._fresh(batch)
         finished = batch["done"][1:] & ~torch.isnan(batch["episode_return"][1:]) & fresh  # [T, B]
         names = sorted(name for name in batch if name.startswith("episode_"))
-        time_spent = self._local_time_spent() if self.hparams.lr_decay_time else 0.0
+        share = time_share(self._timer) if self.hparams.lr_decay_time else 0.0
         if self.world_size == 1:
-            return JobStep(batch["env_frames"], {name: batch[name][1:][finished] for name in names}, [],
-                           time_spent=time_spent)
+            return JobStep(batch["env_frames"], {name: batch[name][1:][finished] for name in names}, [], time_share=share)
         values = torch.stack([batch[name][1:].double() for name in names])  # [K, T, B]
         self._rank_frames += batch["env_frames"]
         self._rank_throughput.append((time.monotonic(), self._rank_frames))
         (t0, f0), (t1, f1) = self._rank_throughput[0], self._rank_throughput[-1]
         frames_per_s = (f1 - f0) / (t1 - t0) if t1 > t0 else math.nan
         lag = float(self.global_step - batch["policy_version"].float()[fresh].mean())
-        head = torch.tensor([batch["env_frames"], frames_per_s, lag, stop_requested(), time_spent],
+        head = torch.tensor([batch["env_frames"], frames_per_s, lag, stop_requested(), share],
                             dtype=torch.float64, device=values.device)
         row = torch.cat([head, finished.double().flatten(), values.flatten()])
         # torch's all_gather, not LightningModule.all_gather: that one goes through
@@ -394,7 +398,7 @@ class ImpalaModule(LightningModule):
             episodes={name: values_all[:, i][finished_all] for i, name in enumerate(names)},
             ranks=[(float(row[1]), float(row[2])) for row in rows],
             stop=bool(rows[:, 3].any()),
-            time_spent=float(rows[0, 4]),
+            time_share=float(rows[0, 4]),
         )
 
     @staticmethod
@@ -575,5 +579,5 @@ class ImpalaModule(LightningModule):
             return 1.0
         spent = int(self.env_frames) / self.hparams.max_frames
         if self.hparams.lr_decay_time:
-            spent = max(spent, self._time_spent)
+            spent = max(spent, self._time_share)
         return max(0.0, 1.0 - spent)

@@ -67,13 +67,18 @@ class KartServer:
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
         answer = self.process.stdout.readline()
+        while answer and not answer.startswith("ANSWER "):  # something else printed on the server's stdout
+            answer = self.process.stdout.readline()
         if not answer:
             raise RuntimeError(f"tests/cli_server.py ended (exit {self.process.wait()})")
-        answer = json.loads(answer)
-        stdout, stderr = out.read_text(), err.read_text()
+        answer = json.loads(answer.removeprefix("ANSWER "))
+        stdout, stderr = (path.read_text() if path.exists() else "" for path in (out, err))
         command = [sys.executable, "-m", "kart_lightning", *args]
         if answer["timed_out"]:
             raise subprocess.TimeoutExpired(command, timeout_s, stdout, stderr)
+        if answer["left_running"]:
+            # As its last line, so that a test of the command's last sentence shows it.
+            stderr += "tests/cli_server.py: the command left processes running after it exited (killed)\n"
         return subprocess.CompletedProcess(command, answer["returncode"], stdout, stderr)
 
     def close(self) -> None:

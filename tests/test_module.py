@@ -1,13 +1,15 @@
 """ImpalaModule: the V-trace loss on [T+1, B] batches, reward clipping, frame budget, lr decay and
 the per-state frame shares it logs."""
 
+from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Timer
 
 from kart_lightning.errors import ConfigError
-from kart_lightning.module import ImpalaModule, clip_rewards
+from kart_lightning.module import ImpalaModule, clip_rewards, time_share
 
 T, B = 8, 4
 
@@ -191,13 +193,23 @@ def test_with_lr_decay_time_the_learning_rate_follows_the_budget_further_spent()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
     learning_rates = []
     # (env frames, share of trainer.max_time spent, as _job_step sets it): the larger share decides.
-    for env_frames, time_spent in ((100, 0.5), (600, 0.5), (700, 0.9), (700, 1.0)):
+    for env_frames, share in ((100, 0.5), (600, 0.5), (700, 0.9), (700, 1.0)):
         module.env_frames.fill_(env_frames)
-        module._time_spent = time_spent
+        module._time_share = share
         optimizer.step()
         scheduler.step()
         learning_rates.append(optimizer.param_groups[0]["lr"])
     assert learning_rates == pytest.approx([0.005, 0.004, 0.001, 0.0])
+
+
+def test_the_time_share_is_what_lightnings_timer_counted_of_max_time_resumes_included():
+    assert time_share(None) == 0.0
+    assert time_share(Timer()) == 0.0  # a Timer without a duration
+    timer = Timer(duration=timedelta(seconds=100))
+    timer.load_state_dict({"time_elapsed": {"train": 25.0}})  # a resumed fit: 25 s before this one
+    assert time_share(timer) == pytest.approx(0.25)
+    timer.load_state_dict({"time_elapsed": {"train": 250.0}})
+    assert time_share(timer) == 1.0
 
 
 def test_lr_decay_time_without_lr_decay_is_refused():
