@@ -166,18 +166,31 @@ def test_test_subcommand_plays_held_out_episodes_from_a_checkpoint(trained, kart
     assert "test/episode_return" in result.stdout
 
 
-def test_an_incompatible_checkpoint_is_refused_in_one_sentence(trained, kart):
-    result = kart("test", "--config", "configs/cartpole.yaml", "--model.hidden_size", "32",
-                  "--ckpt_path", str(trained / "checkpoints" / "last.ckpt"), check=False)
+@pytest.fixture(scope="module")
+def quick(kart_servers):
+    """The command line for runs of a second or two (config printing, refusals), forked from a
+    process that imported it once (tests/cli_server.py) instead of paying ~3 s of imports each.
+    Not for what imports print: that stays in the server's output."""
+    server = kart_servers()
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return server(*args, timeout_s=120)
+
+    return run
+
+
+def test_an_incompatible_checkpoint_is_refused_in_one_sentence(trained, quick):
+    result = quick("test", "--config", "configs/cartpole.yaml", "--model.hidden_size", "32",
+                   "--ckpt_path", str(trained / "checkpoints" / "last.ckpt"))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "use the config it was trained with" in result.stderr.strip().splitlines()[-1]
 
 
-def test_print_config_round_trips(tmp_path, kart):
-    printed = kart("fit", "--config", "configs/cartpole.yaml", "--print_config").stdout
+def test_print_config_round_trips(tmp_path, quick):
+    printed = quick("fit", "--config", "configs/cartpole.yaml", "--print_config").stdout
     (tmp_path / "printed.yaml").write_text(printed)
-    again = kart("fit", "--config", str(tmp_path / "printed.yaml"), "--print_config").stdout
+    again = quick("fit", "--config", str(tmp_path / "printed.yaml"), "--print_config").stdout
     assert again == printed
     assert "CartPole-v1" in printed and "max_frames: 600000" in printed
 
@@ -237,10 +250,11 @@ def test_ctrl_c_or_sigterm_stops_fit_saves_last_and_leaves_no_actor_process(stop
         assert "Received SIGTERM" not in stderr and "Traceback" not in stderr
 
 
-def test_fit_with_no_config_runs_the_quickstart_settings(kart):
-    default = kart("fit", "--print_config").stdout
-    quickstart = kart("fit", "--config", "configs/quickstart.yaml", "--print_config").stdout
-    assert default == quickstart
+def test_fit_with_no_config_runs_the_quickstart_settings(quick):
+    default = quick("fit", "--print_config")
+    quickstart = quick("fit", "--config", "configs/quickstart.yaml", "--print_config")
+    assert default.returncode == quickstart.returncode == 0, default.stderr[-2000:] + quickstart.stderr[-2000:]
+    assert default.stdout == quickstart.stdout
 
 
 LIBRARY_NOISE = re.compile(r"(?i)warning|deprecat|tip:|args parameter|A\.L\.E:|Powered by Stella|\.py:\d+: ")
