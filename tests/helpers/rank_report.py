@@ -12,8 +12,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 class RankReport(Callback):
     """Writes FOLDER/rank-R-started.json once training starts (pid, step and frame counter it
     started from) and FOLDER/rank-R.json when fit ends (steps, the job's frame counter, the fresh
-    frames this rank's own batches held, a digest of its policy weights, its learning rate, the sum
-    of its first batch's observations)."""
+    frames this rank's own batches held, a digest of its policy weights, its learning rate at the
+    start and at the end of the schedule so far, the sum of its first batch's observations)."""
 
     def __init__(self, folder: str) -> None:
         self.folder = Path(folder)
@@ -46,5 +46,6 @@ class RankReport(Callback):
             "pid": os.getpid(), "start": self.start, "global_step": trainer.global_step, "steps": self.steps,
             "env_frames": int(pl_module.env_frames), "own_frames": self.frames, "weights": digest.hexdigest(),
             "lr": trainer.optimizers[0].param_groups[0]["initial_lr"], "world_size": trainer.world_size,
+            "lr_now": trainer.optimizers[0].param_groups[0]["lr"],
             "first_observations": self.first_observations,
         })
