@@ -153,7 +153,8 @@ def note_slow_precision(trainer) -> None:
 
 def check_time_budget(trainer, hparams) -> None:
     """Raise ConfigError when model.lr_decay_time has no trainer.max_time to decay over."""
-    timed = any(isinstance(callback, Timer) and callback.time_remaining() is not None for callback in trainer.callbacks)
+    timed = any(isinstance(callback, Timer) and callback.time_remaining() is not None
+                for callback in trainer.callbacks)
     if hparams.get("lr_decay_time") and not timed:
         raise ConfigError(
             "model.lr_decay_time decays the lr over trainer.max_time, which is not set: set "

@@ -122,7 +122,8 @@ CASES = [
     ("fit", [*CARTPOLE, "--recorder.every_minutes", "0"], "recorder.every_minutes is 0: set it above 0"),
     ("fit", [*CARTPOLE, "--stop.monitor", "train/episode_return"], "stop.threshold is not set: set --stop.threshold"),
     ("fit", [*CARTPOLE, "--stop.threshold", "400"], "stop.monitor is not set: set --stop.monitor"),
-    ("fit", [*CARTPOLE, "--model.lr_decay_time", "true"], "set trainer.max_time (such as 00:02:15:00), or model.lr_decay_time false"),
+    ("fit", [*CARTPOLE, "--model.lr_decay_time", "true"],
+     "set trainer.max_time (such as 00:02:15:00), or model.lr_decay_time false"),
     ("fit", [*CARTPOLE, "--ckpt_path", "best"], "the best on the held-out tracks is best.ckpt"),
     # fit and test: files that are not our checkpoints
     ("fit", [*CARTPOLE, "--ckpt_path", "no/such.ckpt"], "checkpoint no/such.ckpt does not exist"),

@@ -95,8 +95,8 @@ def test_two_ranks_count_every_frame_stop_together_agree_and_resume_on_two_or_on
 def test_with_lr_decay_time_two_ranks_follow_rank_0s_clock_to_the_same_rate_and_weights(tmp_path):
     # A frame budget far beyond what 15 s give: the time budget decides the schedule, and each
     # rank's own clock would give it another rate, and the ranks other weights.
-    kart(*fit_args(tmp_path, 10**9, "--trainer.strategy", "ddp", "--trainer.devices", "2",
-                   "--trainer.max_time", "00:00:00:15", "--model.lr_decay", "true", "--model.lr_decay_time", "true"))
+    kart(*fit_args(tmp_path, 10**9, "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_time",
+                   "00:00:00:15", "--model.lr_decay", "true", "--model.lr_decay_time", "true"))
     first, second = reports(tmp_path, 2)
     assert first["global_step"] == second["global_step"] > 10
     assert first["lr_now"] == second["lr_now"] < 0.1 * first["lr"]
