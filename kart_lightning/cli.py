@@ -13,7 +13,7 @@ from typing import Any
 import gymnasium
 import torch
 from jsonargparse import ArgumentError, ArgumentParser
-from lightning.pytorch.callbacks import ModelCheckpoint, Timer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -108,6 +108,11 @@ class ImpalaCLI(LightningCLI):
                     "model.trust_region_kl leaves out every unroll with a held random action "
                     "(data.exploration): set one of --model.trust_region_kl null or --data.exploration.epsilon 0."
                 )
+            if config.model.lr_decay_time and config.trainer.max_time is None:
+                raise ConfigError(
+                    "model.lr_decay_time decays the lr over trainer.max_time, which is not set: set "
+                    "trainer.max_time (such as 00:02:15:00), or model.lr_decay_time false."
+                )
         # LightningCLI (2.6.6) next reads the checkpoint's model arguments into the config, which
         # would replace the config's, loading it with weights_only=True (which refuses a checkpoint
         # whose hyperparameters hold a dataclass) and parsing them (which refuses arguments the
@@ -123,7 +128,6 @@ class ImpalaCLI(LightningCLI):
         self.trainer.limit_val_batches = 0
         note_slow_precision(self.trainer)
         check_checkpoint(self.config.fit.ckpt_path, self.model.hparams)
-        check_time_budget(self.trainer, self.model.hparams)
         for callback in self.trainer.callbacks:
             if isinstance(callback, HeldOutEvaluation):
                 callback.check_monitor(self.datamodule.eval_env)
@@ -148,17 +152,6 @@ def note_slow_precision(trainer) -> None:
         rank_zero_info(
             "kart_lightning: this CPU has no bfloat16 instructions (AMX or AVX512-BF16), so "
             f"trainer.precision {trainer.precision} runs slower than float32: set --trainer.precision 32-true."
-        )
-
-
-def check_time_budget(trainer, hparams) -> None:
-    """Raise ConfigError when model.lr_decay_time has no trainer.max_time to decay over."""
-    timed = any(isinstance(callback, Timer) and callback.time_remaining() is not None
-                for callback in trainer.callbacks)
-    if hparams.get("lr_decay_time") and not timed:
-        raise ConfigError(
-            "model.lr_decay_time decays the lr over trainer.max_time, which is not set: set "
-            "trainer.max_time (such as 00:02:15:00), or model.lr_decay_time false."
         )
 
 
